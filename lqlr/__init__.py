@@ -1,0 +1,26 @@
+"""lqlr: compress LLM weights as W ≈ Q + L·R (low-bit backbone + low-rank, low-bit factors).
+
+Public API::
+
+    cfg = lqlr.QLRConfig(bq=2, rank=32, bl=4, br=4, group_size=64, iters=20, seed=0)
+    d = lqlr.decompose(W, H, cfg)   # W (out, in); H (in, in) or None
+    d.weight(), d.error, d.bits_per_param, d.history
+"""
+from .bits import BitBreakdown, bit_breakdown, bits_per_param
+from .config import QLRConfig
+from .decompose import Decomposition, decompose
+from .quantizers import NormalFloatGrid, QuantizedTensor, UniformGrid, make_grid
+
+__all__ = [
+    "QLRConfig",
+    "decompose",
+    "Decomposition",
+    "BitBreakdown",
+    "bit_breakdown",
+    "bits_per_param",
+    "UniformGrid",
+    "NormalFloatGrid",
+    "QuantizedTensor",
+    "make_grid",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,19 @@
+"""Shared test helpers: small matrices and anisotropic, correlated Hessians."""
+import pytest
+import torch
+
+
+def correlated_hessian(n: int, tokens: int = 4096, seed: int = 0) -> torch.Tensor:
+    """H = X Xᵀ / tokens for inputs with uneven scales and correlated channels (like real LLM inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-1, 0.7, n)[torch.randperm(n, generator=gen)]
+    mix = torch.eye(n) + 0.3 * torch.randn(n, n, generator=gen) / n**0.5
+    X = mix @ (torch.randn(n, tokens, generator=gen) * scales[:, None])
+    return X @ X.T / tokens
+
+
+@pytest.fixture
+def W_H():
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(96, 128, generator=gen)
+    return W, correlated_hessian(128, seed=2)
