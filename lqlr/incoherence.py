@@ -25,6 +25,19 @@ def hadamard(p: int) -> torch.Tensor:
     return (Hm / Hm.shape[0] ** 0.5).to(torch.float32)
 
 
+@lru_cache(maxsize=256)
+def _rotation_parts(n: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random signs (n,) and the odd-part orthogonal O_m of the rotation (n, seed)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float32) * 2 - 1
+    if m == 1:
+        return signs, torch.ones(1, 1)
+    G = torch.randn(m, m, generator=gen, dtype=torch.float64)
+    Qm, Rm = torch.linalg.qr(G)
+    Qm = Qm * torch.sign(torch.diagonal(Rm))[None, :]  # unique (Haar) orthogonal factor
+    return signs, Qm.to(torch.float32)
+
+
 @dataclass(frozen=True)
 class Rotation:
     """The orthogonal V of one dimension, defined by (n, seed)."""
@@ -41,14 +54,7 @@ class Rotation:
         return self.n // self.p
 
     def _parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
-        signs = torch.randint(0, 2, (self.n,), generator=gen).to(torch.float32) * 2 - 1
-        if self.m == 1:
-            return signs, torch.ones(1, 1)
-        G = torch.randn(self.m, self.m, generator=gen, dtype=torch.float64)
-        Qm, Rm = torch.linalg.qr(G)
-        Qm = Qm * torch.sign(torch.diagonal(Rm))[None, :]  # unique (Haar) orthogonal factor
-        return signs, Qm.to(torch.float32)
+        return _rotation_parts(self.n, self.m, int(self.seed))
 
     def apply(self, X: torch.Tensor) -> torch.Tensor:
         """Each row x of X (r, n) mapped to V x, i.e. X Vᵀ."""

@@ -1,0 +1,68 @@
+"""`lqlr-bench`: benchmarks that write JSON records and a Markdown table under ``results/``.
+
+    lqlr-bench distortion            # full run (see lqlr/bench/distortion.py); several minutes
+    lqlr-bench distortion --quick    # a small run for a fresh install (about a minute)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _write(out_dir: Path, name: str, records: list[dict], table: str, meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{name}.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"benchmark": name, "meta": meta, "records": records}, indent=1))
+    tmp.replace(json_path)
+    (out_dir / f"{name}.md").write_text(table)
+    print(table)
+    print(f"wrote {json_path} and {out_dir / (name + '.md')}")
+
+
+def _distortion(args: argparse.Namespace) -> None:
+    from . import distortion as D
+
+    t0 = time.perf_counter()
+    records = D.gaussian_records(size=256 if args.quick else 1024)
+    stories = dict(layers=None, ranks=(4, 8), n_samples=16 if args.quick else 64, seq_len=256)
+    records += D.real_records("stories260k", iters=args.iters, **stories)
+    if not args.quick and not args.skip_smollm2:
+        records += D.real_records("smollm2-135m", layers=args.smollm2_layers, ranks=(32, 64),
+                                  iters=args.iters, n_samples=32, seq_len=512)
+    if not args.skip_timing:
+        records.append(D.timing_record(size=1024 if args.quick else 4096, iters=args.iters))
+    meta = dict(command="lqlr-bench distortion " + " ".join(sys.argv[2:]), quick=args.quick, iters=args.iters,
+                torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+                wall_s=time.perf_counter() - t0)
+    name = "distortion_quick" if args.quick else "distortion"
+    _write(Path(args.out), name, records, D.markdown(records), meta)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lqlr-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("distortion", help="per-matrix error vs all-in bits (Gaussian, stories260K, SmolLM2)")
+    p.add_argument("--quick", action="store_true", help="small sizes, stories260K only")
+    p.add_argument("--iters", type=int, default=None, help="outer iterations T of Q+LR (default 20; 5 with --quick)")
+    p.add_argument("--smollm2-layers", type=int, nargs="+", default=[0, 15, 29], help="SmolLM2 blocks to measure")
+    p.add_argument("--skip-smollm2", action="store_true", help="leave out SmolLM2-135M")
+    p.add_argument("--skip-timing", action="store_true", help="leave out the 4096×4096 timing")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.iters is None:
+        args.iters = 5 if getattr(args, "quick", False) else 20
+    if args.bench == "distortion":
+        _distortion(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Compress a causal LM block by block: capture H of each target linear, decompose, swap in QLRLinear.
+
+Only the current block's calibration activations are kept (one hidden-state tensor per batch).
+Two ways to get each block's inputs:
+
+* ``sequential`` (GPTQ style): block i sees the outputs of the already-compressed blocks < i, so
+  later blocks learn to absorb earlier errors;
+* ``independent`` (CALDERA style): every H comes from the original model, so every matrix could
+  be decomposed in parallel.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import find_blocks, is_conv1d, set_module, target_linears, weight_of
+from .calibration import HessianAccumulator
+from .config import QLRConfig
+from .decompose import decompose
+from .layer import QLRLinear
+
+HESSIAN_MODES = ("sequential", "independent")
+
+
+@dataclass
+class CompressConfig:
+    """What to compress and how. ``targets`` follows PEFT's ``target_modules`` rule (None = all
+    linears inside the decoder blocks)."""
+
+    qlr: QLRConfig = field(default_factory=QLRConfig)
+    targets: Any = None  # str (regex, full match) | list[str] (names or suffixes) | None
+    hessian_mode: str = "sequential"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.qlr, dict):
+            self.qlr = QLRConfig(**self.qlr)
+        if self.hessian_mode not in HESSIAN_MODES:
+            raise ValueError(f"hessian_mode={self.hessian_mode!r}: choose one of {HESSIAN_MODES}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+
+
+@dataclass
+class ModuleReport:
+    """What happened to one matrix."""
+
+    name: str
+    shape: tuple[int, int]
+    kind: str  # "linear" or "conv1d"
+    bits_per_param: float
+    q_bits_per_param: float
+    error: float  # tr(E H Eᵀ) / tr(W H Wᵀ) under the calibration H
+    rank: int
+    time_s: float
+    n_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor, batch_size: int):
+    """(hidden_states, args, kwargs) that the first block receives, one entry per batch."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append([hidden, args[1:], kwargs])
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in ids.split(batch_size):
+                try:
+                    model(batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for hidden, args, kwargs in inputs:
+            out = block(hidden, *args, **kwargs)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outs
+
+
+def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
+                   plan: Callable[[str], QLRConfig] | None = None, progress: bool = True) -> list[ModuleReport]:
+    """Replace every target linear of ``model`` (in place) by a QLRLinear; returns one report per matrix.
+
+    ``plan(name)`` may give a per-matrix QLRConfig (default: ``cfg.qlr`` for all).
+    """
+    if calib_ids.ndim != 2 or calib_ids.shape[1] < 2:
+        raise ValueError(f"calibration ids must be (n_samples, seq_len >= 2), got shape {tuple(calib_ids.shape)}")
+    model.eval()
+    path, blocks = find_blocks(model)
+    targets = target_linears(model, cfg.targets)
+    inputs = _block_inputs(model, blocks[0], calib_ids, cfg.batch_size)
+    reports: list[ModuleReport] = []
+    bar = tqdm(range(len(blocks)), desc="blocks", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        prefix = f"{path}.{i}."
+        names = [n for n in targets if n.startswith(prefix)]
+        # H of each target's input: a running mean over every calibration token
+        accs = {n: HessianAccumulator(weight_of(targets[n]).shape[1]) for n in names}
+        hooks = [targets[n].register_forward_pre_hook(lambda m, a, n=n: accs[n].add_batch(a[0])) for n in names]
+        try:
+            outputs = _run_block(block, inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in names:
+            module = targets[n]
+            W = weight_of(module)
+            H = accs[n].hessian()
+            qcfg = plan(n) if plan else cfg.qlr
+            t0 = time.perf_counter()
+            d = decompose(W, H, qcfg)  # min tr((Q + LR − W) H (Q + LR − W)ᵀ) under the budget of qcfg
+            seconds = time.perf_counter() - t0
+            bias = getattr(module, "bias", None)
+            qlr = QLRLinear.from_decomposition(d, bias.detach() if bias is not None else None)
+            qlr.spec["layout"] = "conv1d" if is_conv1d(module) else "linear"  # how the dense export stores W
+            set_module(model, n, qlr)
+            reports.append(ModuleReport(
+                name=n, shape=tuple(W.shape), kind="conv1d" if is_conv1d(module) else "linear",
+                bits_per_param=d.bits_per_param, q_bits_per_param=d.breakdown.q_bits_per_param,
+                error=d.error, rank=d.rank, time_s=seconds, n_tokens=accs[n].n_tokens))
+            bar.set_postfix(matrix=n[len(prefix):], err=f"{d.error:.4f}", bits=f"{d.bits_per_param:.2f}")
+        if names and cfg.hessian_mode == "sequential":
+            outputs = _run_block(block, inputs)  # the next block sees this block's compressed outputs
+        for entry, out in zip(inputs, outputs):
+            entry[0] = out
+    return reports
+
+
+def summary_table(reports: list[ModuleReport]) -> str:
+    """Markdown table of per-matrix results and the parameter-weighted total."""
+    lines = ["| module | shape | rank | all-in bits | rel. H-error | time (s) |", "|---|---|---:|---:|---:|---:|"]
+    for r in reports:
+        lines.append(f"| {r.name} | {r.shape[0]}×{r.shape[1]} | {r.rank} | {r.bits_per_param:.3f} | {r.error:.5f} | {r.time_s:.1f} |")
+    n = sum(r.shape[0] * r.shape[1] for r in reports)
+    bits = sum(r.bits_per_param * r.shape[0] * r.shape[1] for r in reports) / max(n, 1)
+    err = sum(r.error for r in reports) / max(len(reports), 1)
+    lines.append(f"| **all {len(reports)} matrices** | {n:,} params | | **{bits:.3f}** | {err:.5f} (mean) | {sum(r.time_s for r in reports):.1f} |")
+    return "\n".join(lines)

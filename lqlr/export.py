@@ -1,0 +1,227 @@
+"""Write a compressed model to one directory (DESIGN §5), and load it back.
+
+    manifest.json           format version, source, per-module spec and bits, sha256 of every file
+    config.json             the model's transformers config
+    model.safetensors       packed Q codes + scales, packed L/R, every untouched tensor as-is
+    tokenizer files         when a tokenizer was given
+    adapter/                stock PEFT LoRA adapter: lora_B = L, lora_A = R, alpha = r (scale 1)
+    dense/                  (optional) plain HF model folder with Q dequantized
+
+Only safetensors and JSON are read back; nothing is unpickled, and ``trust_remote_code`` is never
+turned on here. The manifest is written last, so a directory without one is an unfinished export.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .arch import is_conv1d, set_module
+
+FORMAT = "lqlr"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BASE_FILE = "model.safetensors"
+ADAPTER_DIR = "adapter"
+DENSE_DIR = "dense"
+
+
+class IntegrityError(ValueError):
+    """A file of a compressed directory is missing, altered or not what the manifest says."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without the second name of tied tensors (e.g. lm_head tied to the embeddings)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.numel())
+        if v.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def _qlr_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from .layer import QLRLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QLRLinear)}
+
+
+def _clean_config(model: nn.Module):
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # e.g. a GGUF source: the export is plain float tensors
+    config.torch_dtype = "float32"
+    return config
+
+
+def save_adapter(qlr: dict[str, nn.Module], out: Path, base_name: str) -> None:
+    """Stock PEFT LoRA adapter with lora_B = L, lora_A = R and α = r, so the LoRA scale is exactly 1."""
+    ranked = {n: m for n, m in qlr.items() if m.rank > 0}
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, m in ranked.items():
+        L, R = m.factors()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = R.contiguous()  # (k, in)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = L.contiguous()  # (out, k)
+    ranks = Counter(m.rank for m in ranked.values())
+    r = ranks.most_common(1)[0][0] if ranks else 8
+    pattern = {name: m.rank for name, m in ranked.items() if m.rank != r}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranked), "lora_dropout": 0.0, "use_rslora": False, "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+    }
+    _save_tensors(tensors, out / "adapter_model.safetensors")
+    _write_json(out / "adapter_config.json", config)
+
+
+def save_dense(model: nn.Module, qlr: dict[str, nn.Module], out: Path) -> None:
+    """A plain transformers folder with each compressed weight replaced by its dequantized Q."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = _unique_state(model)
+    dense = {}
+    for k, v in state.items():
+        module_name = k.rsplit(".", 1)[0]
+        if module_name not in qlr:
+            dense[k] = v
+    for name, m in qlr.items():
+        Q = m.q_weight()
+        dense[f"{name}.weight"] = Q.T.contiguous() if m.spec.get("layout") == "conv1d" else Q
+        if m.bias is not None:
+            dense[f"{name}.bias"] = m.bias.detach()
+    _save_tensors(dense, out / BASE_FILE)
+    _clean_config(model).save_pretrained(out)
+
+
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[str, Any], reports: list | None = None,
+                    tokenizer=None, dense_base: bool = False) -> Path:
+    """Write the export directory; returns its path. The manifest (with checksums) is written last."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qlr = _qlr_modules(model)
+    if not qlr:
+        raise ValueError("the model has no QLRLinear module: compress it before saving")
+    _save_tensors(_unique_state(model), out / BASE_FILE)
+    _clean_config(model).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    save_adapter(qlr, out / ADAPTER_DIR, base_name=str(out / DENSE_DIR) if dense_base else source.get("model", ""))
+    if dense_base:
+        save_dense(model, qlr, out / DENSE_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / DENSE_DIR)
+    report_by_name = {r.name: r.to_dict() for r in (reports or [])}
+    modules = {}
+    for name, m in qlr.items():
+        entry = {"spec": m.spec, "shape": [m.out_features, m.in_features], "bias": m.bias is not None}
+        entry.update({k: v for k, v in report_by_name.get(name, {}).items() if k not in ("name",)})
+        modules[name] = entry
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+    params = sum(m.out_features * m.in_features for m in qlr.values())
+    bits = sum(modules[n].get("bits_per_param", 0) * m.out_features * m.in_features for n, m in qlr.items())
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "source": source, "modules": modules,
+        "summary": {"compressed_params": params, "bits_per_param": bits / params if params else None,
+                    "n_modules": len(qlr)},
+        "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
+    }
+    _write_json(out / MANIFEST, manifest)
+    return out
+
+
+def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """Read and check manifest.json: format version, files inside the folder, sha256 of each."""
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise IntegrityError(f"{mpath} not found: not an lqlr export, or an unfinished one (the manifest is written last)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as err:
+        raise IntegrityError(f"{mpath} is not valid JSON ({err.msg}); re-export the model") from err
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise IntegrityError(f"{mpath}: format {manifest.get('format')!r} v{manifest.get('format_version')!r} "
+                             f"is not {FORMAT} v{FORMAT_VERSION}; use the lqlr version that wrote it")
+    resolved_root = root.resolve()
+    for rel, digest in manifest.get("files", {}).items():
+        f = (root / rel).resolve()
+        if resolved_root not in f.parents:
+            raise IntegrityError(f"manifest lists {rel!r}, which points outside {root}; refusing to read it")
+        if not f.is_file():
+            raise IntegrityError(f"{f} is missing: the export is incomplete; re-export or restore the file")
+        if verify and sha256_file(f) != digest:
+            raise IntegrityError(f"{f} does not match its sha256 in the manifest: the file is corrupt or was changed")
+    return manifest
+
+
+def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, device: str | torch.device = "cpu"):
+    """Load an export as a transformers model whose compressed linears are QLRLinear modules.
+
+    ``peft=True`` returns a ``PeftModel`` instead: Q-only QLRLinear bases (kept packed and frozen)
+    with the trainable LoRA adapter L, R from ``adapter/``. ``verify`` checks every file's sha256.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .layer import QLRLinear
+
+    root = Path(path)
+    manifest = read_manifest(root, verify=verify)
+    config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    for name, entry in manifest["modules"].items():
+        out_f, in_f = entry["shape"]
+        set_module(model, name, QLRLinear(in_f, out_f, entry["spec"], bias=entry["bias"]))
+    state = load_file(str(root / BASE_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise IntegrityError(f"{root / BASE_FILE} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    model.to(device).eval()
+    if not peft:
+        return model
+    from peft import PeftModel
+
+    for name in manifest["modules"]:
+        m = model.get_submodule(name)
+        if m.rank > 0:
+            set_module(model, name, m.without_factors())
+    return PeftModel.from_pretrained(model, str(root / ADAPTER_DIR), is_trainable=True)

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from lqlr.bench import distortion as D
+from lqlr.bench import main
+
+
+@pytest.mark.parametrize("bits, reference", [(1, 0.3634), (2, 0.1175), (3, 0.03454), (4, 0.009497)])
+def test_lloyd_max_matches_max_1960_table(bits, reference):
+    assert D.lloyd_max_mse(bits) == pytest.approx(reference, rel=2e-3)
+
+
+def test_gaussian_records_respect_rate_distortion_bound():
+    records = D.gaussian_records(size=128)
+    grids = [r for r in records if r["method"].startswith(("uniform", "nf"))]
+    assert len(grids) == 12
+    for r in grids:
+        # no quantizer storing R bits per sample beats D(R) = 2^(-2R) on an iid Gaussian
+        assert r["error"] >= 2.0 ** (-2 * r["bits_per_param"])
+        assert r["error"] < 0.35
+
+
+def test_real_records_on_one_stories_block():
+    records = D.real_records("stories260k", layers=[0], ranks=(4, 8), iters=2, n_samples=4, seq_len=64,
+                             progress=False)
+    methods = D.method_grid((4, 8), 2)
+    assert len(records) == 7 * len(methods)
+    summary = {s["method"]: s for s in D.summarize_real(records)}
+    assert summary["LDLQ 2-bit"]["mean_error"] < summary["RTN 2-bit"]["mean_error"]
+    assert summary["Q+LR 2-bit k=8 L,R 4-bit"]["mean_error"] < summary["LDLQ 2-bit"]["mean_error"]
+    assert summary["LDLQ 4-bit"]["mean_error"] < summary["LDLQ 3-bit"]["mean_error"] < summary["LDLQ 2-bit"]["mean_error"]
+    table = D.markdown(records)
+    assert "| LDLQ 2-bit |" in table and "stories260k" in table
+
+
+@pytest.mark.slow
+def test_cli_quick_run_writes_json_and_table(tmp_path):
+    main(["distortion", "--quick", "--skip-timing", "--iters", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "distortion_quick.json").read_text())
+    assert data["benchmark"] == "distortion_quick" and data["meta"]["iters"] == 2
+    for r in data["records"]:
+        assert {"section", "method", "bits_per_param", "error"} <= r.keys()
+    assert (tmp_path / "distortion_quick.md").read_text().startswith("### iid Gaussian")
