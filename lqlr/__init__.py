@@ -10,8 +10,20 @@ from .bits import BitBreakdown, bit_breakdown, bits_per_param
 from .config import QLRConfig
 from .decompose import Decomposition, decompose
 from .quantizers import NormalFloatGrid, QuantizedTensor, UniformGrid, make_grid
+from .compress import CompressConfig
+from .eval import evaluate
+from .export import load, save_compressed
+from .layer import QLRLinear
+from .pipeline import CompressResult, compress
 
 __all__ = [
+    "compress",
+    "CompressConfig",
+    "CompressResult",
+    "load",
+    "save_compressed",
+    "evaluate",
+    "QLRLinear",
     "QLRConfig",
     "decompose",
     "Decomposition",

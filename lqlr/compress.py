@@ -22,6 +22,7 @@ from .arch import find_blocks, is_conv1d, set_module, target_linears, weight_of
 from .calibration import HessianAccumulator
 from .config import QLRConfig
 from .decompose import decompose
+from .hessian import h_weighted_error
 from .layer import QLRLinear
 
 HESSIAN_MODES = ("sequential", "independent")
@@ -36,6 +37,7 @@ class CompressConfig:
     targets: Any = None  # str (regex, full match) | list[str] (names or suffixes) | None
     hessian_mode: str = "sequential"
     batch_size: int = 8
+    use_hessian: bool = True  # False: decompose under H = I (RTN, LoftQ); errors are still reported under H
 
     def __post_init__(self) -> None:
         if isinstance(self.qlr, dict):
@@ -132,8 +134,9 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             H = accs[n].hessian()
             qcfg = plan(n) if plan else cfg.qlr
             t0 = time.perf_counter()
-            d = decompose(W, H, qcfg)  # min tr((Q + LR − W) H (Q + LR − W)ᵀ) under the budget of qcfg
+            d = decompose(W, H if cfg.use_hessian else None, qcfg)  # min tr((Q + LR − W) H (·)ᵀ)
             seconds = time.perf_counter() - t0
+            error = d.error if cfg.use_hessian else h_weighted_error(d.weight() - W, H) / (h_weighted_error(W, H) or 1.0)
             bias = getattr(module, "bias", None)
             qlr = QLRLinear.from_decomposition(d, bias.detach() if bias is not None else None)
             qlr.spec["layout"] = "conv1d" if is_conv1d(module) else "linear"  # how the dense export stores W
@@ -141,8 +144,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             reports.append(ModuleReport(
                 name=n, shape=tuple(W.shape), kind="conv1d" if is_conv1d(module) else "linear",
                 bits_per_param=d.bits_per_param, q_bits_per_param=d.breakdown.q_bits_per_param,
-                error=d.error, rank=d.rank, time_s=seconds, n_tokens=accs[n].n_tokens))
-            bar.set_postfix(matrix=n[len(prefix):], err=f"{d.error:.4f}", bits=f"{d.bits_per_param:.2f}")
+                error=error, rank=d.rank, time_s=seconds, n_tokens=accs[n].n_tokens))
+            bar.set_postfix(matrix=n[len(prefix):], err=f"{error:.4f}", bits=f"{d.bits_per_param:.2f}")
         if names and cfg.hessian_mode == "sequential":
             outputs = _run_block(block, inputs)  # the next block sees this block's compressed outputs
         for entry, out in zip(inputs, outputs):

@@ -101,3 +101,47 @@ def calibration_ids(
     starts = torch.randint(0, n_tokens - seq_len, (n_samples,), generator=gen)  # (n_samples,)
     offsets = torch.arange(seq_len)  # (seq_len,)
     return ids[starts[:, None] + offsets[None, :]]  # (n_samples, seq_len)
+
+
+@torch.no_grad()
+def generated_ids(model, tokenizer: PreTrainedTokenizerBase, n_samples: int, seq_len: int, seed: int,
+                  batch_size: int = 16, top_p: float = 0.95, progress: bool = True) -> torch.LongTensor:
+    """Data-free calibration: ``n_samples`` sequences of ``seq_len`` tokens sampled from the model itself.
+
+    Each sequence starts from a random vocabulary token (more diverse than always starting from
+    BOS, as in LLM-QAT's data-free generation) and continues by nucleus sampling (``top_p``) under
+    a seeded, private RNG, so the result depends only on the model, the sizes and the seed.
+    """
+    from tqdm.auto import tqdm
+
+    if n_samples < 1 or seq_len < 2:
+        raise ValueError(f"n_samples={n_samples}, seq_len={seq_len}: need n_samples >= 1 and seq_len >= 2")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for b in tqdm(range(0, n_samples, batch_size), desc="self-generating calibration", disable=not progress):
+            n = min(batch_size, n_samples - b)
+            first = torch.randint(0, vocab, (n,), generator=gen)
+            first = torch.tensor([t if t not in special else (t + 1) % vocab for t in first.tolist()])
+            prompt = first[:, None].to(device)
+            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=top_p, top_k=0,
+                                 max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                 pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+            out.append(ids[:, :seq_len].cpu())
+    return torch.cat(out)
+
+
+def text_from_path(path: str | os.PathLike) -> str:
+    """Text of a local file, or of every ``*.txt`` under a folder, read through ``datasets``' text builder."""
+    import datasets
+
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.rglob("*.txt")) if p.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"data.path={str(path)!r} is neither a text file nor a folder with .txt files")
+    rows = datasets.load_dataset("text", data_files=[str(f) for f in files], split="train")
+    return "\n".join(rows["text"])

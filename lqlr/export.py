@@ -83,7 +83,6 @@ def _clean_config(model: nn.Module):
     config = model.config.__class__.from_dict(model.config.to_dict())
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # e.g. a GGUF source: the export is plain float tensors
-    config.torch_dtype = "float32"
     return config
 
 

@@ -80,6 +80,7 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
     U = plan.U
     block = aligned_block(block_size, g)
 
+    inv_d = (1.0 / torch.diagonal(U)).tolist()  # 1 / U_ii, as Python floats for the hot loop
     Wt = W.T.contiguous()  # (in, rows): column i of W is the contiguous row Wt[i]
     Qt = torch.empty(cols, rows, dtype=torch.float32, device=T.device)
     fitted: list = []  # GroupParams of each group, in column order
@@ -101,7 +102,7 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
                 fitted.append(p)
             q = grid.round(W1[i][:, None], p)[:, 0]  # (rows,)
             Qt[col] = q
-            err = W1[i].sub(q).div_(U1[i, i])  # (rows,)
+            err = W1[i].sub(q).mul_(inv_d[col])  # (rows,) rounding error scaled by 1 / U_ii
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # feed the error forward in-block
             Err1[i] = err
         total += Err1.double().pow(2).sum()

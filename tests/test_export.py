@@ -17,25 +17,48 @@ def _tiny_gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
+def _tiny(arch):
+    """A tiny randomly initialised model of each supported family, built locally (no download)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300, max_position_embeddings=128)
+    cfg = {
+        "qwen2": lambda: T.Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common),
+        "mistral": lambda: T.MistralConfig(intermediate_size=128, num_key_value_heads=2, **common),
+        "gemma": lambda: T.GemmaConfig(intermediate_size=128, num_key_value_heads=2, head_dim=16, **common),
+        "phi": lambda: T.PhiConfig(intermediate_size=128, **common),
+        "opt": lambda: T.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common),
+    }[arch]()
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
 def _stories():
     from lqlr.models import load_model
 
-    return load_model("stories260k")[0]
+    return load_model("stories260k")
 
 
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.fixture(scope="module", params=["stories260k", "gpt2"])
+ARCHS = ["stories260k", "gpt2", "qwen2", "mistral", "gemma", "phi", "opt"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
 def exported(request, tmp_path_factory):
-    model = _stories() if request.param == "stories260k" else _tiny_gpt2()
+    tokenizer = None
+    if request.param == "stories260k":
+        model, tokenizer = _stories()
+    else:
+        model = _tiny_gpt2() if request.param == "gpt2" else _tiny(request.param)
     vocab = model.config.vocab_size
     calib = torch.randint(3, vocab, (8, 48), generator=torch.Generator().manual_seed(0))
     cfg = CompressConfig(qlr=lqlr.QLRConfig(bq=2, rank=4, bl=4, br=4, group_size=32, iters=2, incoherence=True))
     reports = compress_model(model, calib, cfg, progress=False)
     out = save_compressed(model, tmp_path_factory.mktemp(request.param), source={"model": request.param},
-                          reports=reports, dense_base=True)
+                          reports=reports, tokenizer=tokenizer, dense_base=True)
     probe = torch.randint(3, vocab, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(probe).logits
@@ -43,7 +66,13 @@ def exported(request, tmp_path_factory):
 
 
 def test_reload_reproduces_the_compressed_model(exported):
+    from lqlr.arch import find_blocks, is_linear
+    from lqlr.layer import QLRLinear
+
     _, model, reports, out, probe, logits = exported
+    path, blocks = find_blocks(model)
+    dense_left = [n for n, m in blocks.named_modules() if is_linear(m) and not isinstance(m, QLRLinear)]
+    assert not dense_left and len(reports) > 0  # every linear inside the blocks was compressed
     loaded = load(out)
     with torch.no_grad():
         assert _rel(loaded(probe).logits, logits) < 1e-5
@@ -87,3 +116,26 @@ def test_manifest_checksums_catch_corruption(exported, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError, match="outside"):
         read_manifest(copy, verify=False)
+
+
+def test_targets_select_a_subset(tmp_path):
+    from lqlr.layer import QLRLinear
+
+    model = _tiny("qwen2")
+    calib = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig(qlr=lqlr.QLRConfig(bq=4, rank=0, group_size=32), targets=["q_proj", "down_proj"])
+    reports = compress_model(model, calib, cfg, progress=False)
+    assert sorted({r.name.split(".")[-1] for r in reports}) == ["down_proj", "q_proj"]
+    assert isinstance(model.model.layers[1].mlp.down_proj, QLRLinear)
+    assert not isinstance(model.model.layers[1].mlp.up_proj, QLRLinear)
+    with pytest.raises(ValueError, match="match no linear"):
+        compress_model(_tiny("qwen2"), calib, CompressConfig(targets=["nothing_like_this"]), progress=False)
+
+
+def test_evaluate_an_export(exported):
+    name, _, _, out, _, _ = exported
+    if name != "stories260k":
+        pytest.skip("WikiText-2 perplexity needs the stories260K tokenizer")
+    result = lqlr.evaluate(out, seq_len=128, max_windows=2)
+    assert result["ppl"] > 1 and result["kl"] > 0 and result["eval_tokens"] == 256
+    assert result["bits_per_param"] == pytest.approx(read_manifest(out)["summary"]["bits_per_param"])

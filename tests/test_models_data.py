@@ -135,3 +135,15 @@ def test_calibration_ids_too_short(stories) -> None:
     with pytest.raises(ValueError, match=rf"has {n} tokens.*at least {n + 1}"):
         calibration_ids(tokenizer, "Once upon a time", n_samples=2, seq_len=n, seed=0)
     assert calibration_ids(tokenizer, "Once upon a time", 2, n - 1, seed=0).shape == (2, n - 1)
+
+
+def test_self_generated_calibration_is_seeded():
+    from lqlr.data import generated_ids
+    from lqlr.models import load_model
+
+    model, tok = load_model("stories260k")
+    a = generated_ids(model, tok, 3, 24, seed=1, progress=False)
+    b = generated_ids(model, tok, 3, 24, seed=1, progress=False)
+    c = generated_ids(model, tok, 3, 24, seed=2, progress=False)
+    assert a.shape == (3, 24) and torch.equal(a, b) and not torch.equal(a, c)
+    assert len(set(a[:, 0].tolist())) > 1  # different random first tokens

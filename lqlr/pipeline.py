@@ -1,0 +1,79 @@
+"""`lqlr.compress`: model name (or model) → calibrated, compressed, optionally exported model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compress import CompressConfig, ModuleReport, compress_model
+from .config import QLRConfig
+
+
+@dataclass
+class CompressResult:
+    """The compressed model (QLRLinear modules swapped in), per-matrix reports and the export path."""
+
+    model: nn.Module
+    tokenizer: Any
+    reports: list[ModuleReport]
+    output_dir: Path | None
+
+    @property
+    def bits_per_param(self) -> float:
+        """All-in bits per parameter over the compressed matrices."""
+        n = sum(r.shape[0] * r.shape[1] for r in self.reports)
+        return sum(r.bits_per_param * r.shape[0] * r.shape[1] for r in self.reports) / n
+
+
+def budget_plan(model: nn.Module, base: QLRConfig, bits: float, targets=None):
+    """Per-matrix configs of ``base``'s method fitted to an all-in budget (see lqlr.budget)."""
+    from .arch import target_linears, weight_of
+    from .budget import fit_to_budget
+
+    plans = {n: fit_to_budget(base, *weight_of(m).shape, bits) for n, m in target_linears(model, targets).items()}
+    return plans.__getitem__
+
+
+def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", config: QLRConfig | CompressConfig | None = None,
+             tokenizer=None, budget_bits: float | None = None, output_dir: str | Path | None = None,
+             n_samples: int = 32, seq_len: int = 256, seed: int = 0, dense_base: bool = False,
+             progress: bool = True) -> CompressResult:
+    """Compress every linear in the decoder blocks of ``model`` as Q + L·R.
+
+    ``model``: a transformers causal LM or a name for :func:`lqlr.models.load_model`.
+    ``calibration``: token ids (n, seq_len), or ``"self"`` (sampled from the model), ``"wikitext2"``
+    (validation split), or a path to a text file/folder. ``budget_bits`` fits each matrix's rank
+    (Q + L·R) or BQ (Q only) to that all-in budget. ``output_dir`` exports the result there.
+    """
+    from .data import calibration_ids, generated_ids, text_from_path, wikitext2_text
+    from .export import save_compressed
+    from .models import load_model
+
+    name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+    if isinstance(model, str):
+        model, tok = load_model(model)
+        tokenizer = tokenizer or tok
+    ccfg = config if isinstance(config, CompressConfig) else CompressConfig(qlr=config or QLRConfig())
+    if ccfg.qlr.seed != seed and config is None:
+        ccfg = replace(ccfg, qlr=replace(ccfg.qlr, seed=seed))
+    if isinstance(calibration, str):
+        if tokenizer is None:
+            raise ValueError(f"calibration={calibration!r} needs a tokenizer: pass tokenizer= or token ids")
+        if calibration == "self":
+            ids = generated_ids(model, tokenizer, n_samples, seq_len, seed, progress=progress)
+        else:
+            text = wikitext2_text("validation") if calibration == "wikitext2" else text_from_path(calibration)
+            ids = calibration_ids(tokenizer, text, n_samples, seq_len, seed)
+    else:
+        ids = calibration
+    plan = budget_plan(model, ccfg.qlr, budget_bits, ccfg.targets) if budget_bits is not None else None
+    reports = compress_model(model, ids, ccfg, plan=plan, progress=progress)
+    out = None
+    if output_dir is not None:
+        source = {"model": str(name), "qlr": ccfg.qlr.to_dict(), "budget_bits": budget_bits,
+                  "hessian_mode": ccfg.hessian_mode, "targets": ccfg.targets}
+        out = save_compressed(model, output_dir, source=source, reports=reports, tokenizer=tokenizer, dense_base=dense_base)
+    return CompressResult(model=model, tokenizer=tokenizer, reports=reports, output_dir=out)

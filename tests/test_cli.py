@@ -1,0 +1,74 @@
+"""The Hydra app: config composition, validation, a real run, and a multirun sweep."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from lqlr.cli import MainConf, _config_dir, qlr_config, register_configs, run
+
+SMALL = ["model=stories260k", "data=wikitext2", "data.n_samples=8", "data.seq_len=64", "method.iters=2",
+         "eval.seq_len=128", "eval.max_windows=2"]
+
+
+def _compose(overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+
+
+def test_default_config_is_the_embedded_default():
+    cfg = _compose([])
+    assert isinstance(cfg, MainConf)
+    assert (cfg.model.name, cfg.data.source, cfg.method.name) == ("smollm2-135m", "self", "lqlr")
+    assert cfg.budget.bits == 3.5
+    q = qlr_config(cfg.method, cfg.seed)
+    assert (q.bq, q.bl, q.br, q.iters, q.incoherence) == (3, 4, 4, 5, True)
+    caldera = qlr_config(_compose(["method=caldera"]).method, 0)
+    assert (caldera.bq, caldera.rank, caldera.iters, caldera.incoherence) == (2, 32, 20, False)
+
+
+@pytest.mark.parametrize("method, rank, use_h", [("gptq", 0, True), ("rtn", 0, False), ("loftq", 16, False), ("lqlr", 32, True)])
+def test_method_presets(method, rank, use_h):
+    cfg = _compose([f"method={method}"])
+    assert cfg.method.rank == rank and cfg.method.use_hessian is use_h
+
+
+@pytest.mark.parametrize("override", ["method.bq=abc", "method.nonsense=1", "budget.bits=lots"])
+def test_bad_values_are_rejected(override):
+    with pytest.raises(ConfigCompositionException):
+        _compose([override])
+
+
+def test_bad_enum_value_is_a_clear_error(tmp_path):
+    cfg = _compose(SMALL + ["method.order=sideways"])
+    with pytest.raises(ValueError, match="order='sideways'"):
+        run(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("method, budget", [("gptq", 3.0), ("caldera", 3.0)])
+def test_run_writes_export_and_result(tmp_path, method, budget):
+    cfg = _compose(SMALL + [f"method={method}", f"budget.bits={budget}", f"output_dir={tmp_path / 'out'}"])
+    result = run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["bits_per_param"] == pytest.approx(result["bits_per_param"])
+    assert result["bits_per_param"] <= budget
+    assert (tmp_path / "out" / "manifest.json").is_file() and (tmp_path / "out" / "adapter").is_dir()
+    assert result["ppl"] > result["ppl_reference"] * 0.98 and result["kl"] > 0
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_one_result_per_run(tmp_path):
+    cmd = [sys.executable, "-m", "lqlr.cli", "-m", *SMALL, "method=rtn,gptq", "method.bq=3",
+           f"hydra.sweep.dir={tmp_path}", "progress=false"]
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True, timeout=600)
+    results = sorted(Path(tmp_path).glob("*/result.json"))
+    assert len(results) == 2
+    methods = {json.loads(p.read_text())["method"] for p in results}
+    assert methods == {"rtn", "gptq"}
