@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import torch
 
+from .config import QLRConfig
+
 log = logging.getLogger("lqlr")
 
 
@@ -42,22 +44,10 @@ class DataConf:
 
 
 @dataclass
-class MethodConf:
+class MethodConf(QLRConfig):
+    """A QLRConfig (validated the same way) plus how the pipeline uses it."""
+
     name: str = "caldera"
-    bq: int = 2
-    rank: int = 32
-    bl: int = 4
-    br: int = 4
-    group_size: int = 64
-    iters: int = 20
-    lr_iters: int = 3
-    grid: str = "uniform"
-    factor_grid: str = "uniform"
-    order: str = "lr_first"
-    act_order: bool = False
-    incoherence: bool = False
-    q2n: bool = False
-    damp: float = 0.01
     use_hessian: bool = True  # false: decompose under H = I (RTN, LoftQ)
     hessian_mode: str = "sequential"  # sequential (GPTQ) | independent (CALDERA)
 
@@ -106,7 +96,7 @@ def qlr_config(method: MethodConf, seed: int):
     """The QLRConfig a method config describes."""
     from .config import QLRConfig
 
-    keys = {f.name for f in fields(QLRConfig)}
+    keys = {f.name for f in fields(QLRConfig)} - {"seed"}
     return QLRConfig(**{k: v for k, v in asdict(method).items() if k in keys}, seed=seed)
 
 
