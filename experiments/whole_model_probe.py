@@ -1,27 +1,57 @@
-import torch, copy, sys, time, lqlr
-from lqlr.models import load_model
-from lqlr.data import wikitext2_text, calibration_ids
+"""Whole-model probe: compress SmolLM2-135M several ways on the same WikiText-2 calibration and
+compare WikiText-2 test perplexity and KL on the first windows of 2048 tokens.
+
+    python experiments/whole_model_probe.py rtn3 gptq3 gptq3inc gptq4 lqlr3 lqlr35 [--windows 2]
+
+Each variant prints one line: name, compression seconds, ppl, reference ppl, KL. It is a quick
+probe for choosing defaults; the full side-by-side benchmark is the quality-benchmark issue.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import lqlr
 from lqlr.compress import CompressConfig, compress_model
+from lqlr.data import calibration_ids, wikitext2_text
+from lqlr.eval import dense_cache, eval_windows, quality
+from lqlr.models import load_model
 from lqlr.pipeline import budget_plan
-from lqlr.eval import eval_windows, quality, dense_cache
-ref, tok = load_model("smollm2-135m")
-test = torch.tensor(tok(wikitext2_text("test"), add_special_tokens=False, verbose=False)["input_ids"])
-win = eval_windows(test, 2048, 2)
-wt = calibration_ids(tok, wikitext2_text("validation"), 32, 256, 0)
-for label in sys.argv[1:]:
-    m = copy.deepcopy(ref); t = time.time()
-    if label == "rtn3": compress_model(m, wt, CompressConfig(qlr=lqlr.QLRConfig(bq=3, rank=0), use_hessian=False), progress=False)
-    if label == "gptq3": compress_model(m, wt, CompressConfig(qlr=lqlr.QLRConfig(bq=3, rank=0)), progress=False)
-    if label == "lqlr3":
-        base = lqlr.QLRConfig(bq=2, rank=32, iters=5, incoherence=True)
-        compress_model(m, wt, CompressConfig(qlr=base), plan=budget_plan(m, base, 3.0), progress=False)
-    if label == "lqlr35":
-        base = lqlr.QLRConfig(bq=3, rank=32, iters=5, incoherence=True)
-        compress_model(m, wt, CompressConfig(qlr=base), plan=budget_plan(m, base, 3.5), progress=False)
-    if label == "lqlr3sq":
-        base = lqlr.QLRConfig(bq=2, rank=32, iters=5, incoherence=True, hessian_mode="independent") if False else lqlr.QLRConfig(bq=2, rank=32, iters=5, incoherence=True)
-        compress_model(m, wt, CompressConfig(qlr=base, hessian_mode="independent"), plan=budget_plan(m, base, 3.0), progress=False)
-    if label == "gptq3inc": compress_model(m, wt, CompressConfig(qlr=lqlr.QLRConfig(bq=3, rank=0, incoherence=True)), progress=False)
-    if label == "gptq4": compress_model(m, wt, CompressConfig(qlr=lqlr.QLRConfig(bq=4, rank=0, group_size=128)), progress=False)
-    with dense_cache(m):
-        print(label, round(time.time()-t), {k: round(v, 4) for k, v in quality(m, ref, win).items()}, flush=True)
+
+VARIANTS = {
+    # name: (QLRConfig, use_hessian, all-in budget or None)
+    "rtn3": (lqlr.QLRConfig(bq=3, rank=0), False, None),
+    "gptq3": (lqlr.QLRConfig(bq=3, rank=0), True, None),
+    "gptq3inc": (lqlr.QLRConfig(bq=3, rank=0, incoherence=True), True, None),
+    "gptq4": (lqlr.QLRConfig(bq=4, rank=0, group_size=128), True, None),
+    "lqlr3": (lqlr.QLRConfig(bq=2, rank=32, iters=5, incoherence=True), True, 3.0),
+    "lqlr35": (lqlr.QLRConfig(bq=3, rank=32, iters=5, incoherence=True), True, 3.5),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants", nargs="+", choices=sorted(VARIANTS))
+    p.add_argument("--windows", type=int, default=2, help="WikiText-2 test windows of 2048 tokens")
+    args = p.parse_args()
+    ref, tok = load_model("smollm2-135m")
+    test = torch.tensor(tok(wikitext2_text("test"), add_special_tokens=False, verbose=False)["input_ids"])
+    windows = eval_windows(test, 2048, args.windows)
+    calib = calibration_ids(tok, wikitext2_text("validation"), 32, 256, 0)
+    for name in args.variants:
+        qcfg, use_h, bits = VARIANTS[name]
+        model = copy.deepcopy(ref)
+        t0 = time.perf_counter()
+        plan = budget_plan(model, qcfg, bits) if bits is not None else None
+        compress_model(model, calib, CompressConfig(qlr=qcfg, use_hessian=use_h), plan=plan, progress=False)
+        seconds = time.perf_counter() - t0
+        with dense_cache(model):
+            metrics = quality(model, ref, windows)
+        print(name, round(seconds), {k: round(v, 4) for k, v in metrics.items()}, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ log = logging.getLogger("lqlr")
 class ModelConf:
     name: str = "smollm2-135m"  # a known name (stories260k, smollm2-135m), a local HF folder, or a hub id
     targets: Any = None  # PEFT-style target_modules: regex string or list of names/suffixes; null = all block linears
+    lazy: bool = False  # read each block from the safetensors shards only when it is compressed (models > RAM)
 
 
 @dataclass
@@ -124,10 +125,11 @@ def calibration(cfg: DataConf, model, tokenizer, progress: bool = True) -> torch
     return calibration_ids(tokenizer, text, cfg.n_samples, cfg.seq_len, cfg.seed)
 
 
-def evaluate_model(model, reference, tokenizer, cfg: EvalConf, heldout: torch.Tensor | None, progress: bool) -> dict:
-    """Perplexity on WikiText-2 test (when available locally or from the hub) and KL to the reference."""
+def evaluate_model(model, reference, tokenizer, cfg: EvalConf, progress: bool) -> dict:
+    """Perplexity on WikiText-2 test (when available locally or from the hub) and KL to the reference
+    (None: perplexity of the compressed model only)."""
     from .data import wikitext2_text
-    from .eval import dense_cache, eval_windows, kl_divergence, quality
+    from .eval import dense_cache, eval_windows, kl_divergence, perplexity, quality
 
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
     seq_len = cfg.seq_len or min(ctx, 2048)
@@ -143,13 +145,17 @@ def evaluate_model(model, reference, tokenizer, cfg: EvalConf, heldout: torch.Te
         out["eval_tokens"] = windows.numel()
         t0 = time.perf_counter()
         with dense_cache(model):
-            out.update(quality(model, reference, windows, cfg.batch_size, progress))
+            if reference is None:
+                out["ppl"] = perplexity(model, windows, cfg.batch_size, progress)
+            else:
+                out.update(quality(model, reference, windows, cfg.batch_size, progress))
         out["eval_s"] = time.perf_counter() - t0
         return out
-    if heldout is None:
-        from .data import generated_ids
+    if reference is None:
+        return out
+    from .data import generated_ids
 
-        heldout = generated_ids(reference, tokenizer, 4, 256, 10_000, progress=progress)
+    heldout = generated_ids(reference, tokenizer, 4, 256, 10_000, progress=progress)
     with dense_cache(model):
         out["kl"] = kl_divergence(model, reference, heldout, cfg.batch_size, progress)
     out["kl_on"] = "held-out self-generated samples"
@@ -173,12 +179,28 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
                           hessian_mode=cfg.method.hessian_mode, use_hessian=cfg.method.use_hessian)
     if cfg.budget.bits is not None and cfg.budget.bits <= 0:
         raise ValueError(f"budget.bits={cfg.budget.bits}: must be a positive number of all-in bits per parameter")
-    model, tokenizer = load_model(cfg.model.name)
-    reference = copy.deepcopy(model) if cfg.eval.enabled else None
-    calib = calibration(cfg.data, model, tokenizer, cfg.progress)
-    heldout = None  # KL falls back to held-out generated samples only when no WikiText-2 text exists
-    t0 = time.perf_counter()
-    res = compress(model, calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits, progress=cfg.progress)
+    if cfg.model.lazy:
+        # the dense model is never whole in memory: no data-free calibration, no KL reference
+        if cfg.data.source == "self":
+            raise ValueError("data=self samples text from the whole model; with model.lazy=true use data=wikitext2, text or c4")
+        from transformers import AutoTokenizer
+
+        from .lazy import resolve_checkpoint
+
+        folder = resolve_checkpoint(cfg.model.name)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        calib = calibration(cfg.data, None, tokenizer, cfg.progress)
+        reference = None
+        t0 = time.perf_counter()
+        res = compress(str(folder), calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits,
+                       progress=cfg.progress, lazy=True)
+        model = res.model
+    else:
+        model, tokenizer = load_model(cfg.model.name)
+        reference = copy.deepcopy(model) if cfg.eval.enabled else None
+        calib = calibration(cfg.data, model, tokenizer, cfg.progress)
+        t0 = time.perf_counter()
+        res = compress(model, calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits, progress=cfg.progress)
     reports = res.reports
     compress_s = time.perf_counter() - t0
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
@@ -197,7 +219,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         "calibration": cfg.data.source, "hessian_mode": cfg.method.hessian_mode,
     }
     if cfg.eval.enabled:
-        result.update(evaluate_model(model, reference, tokenizer, cfg.eval, heldout, cfg.progress))
+        result.update(evaluate_model(model, reference, tokenizer, cfg.eval, cfg.progress))
     result["wall_s"] = time.perf_counter() - t_start
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["config"] = asdict(cfg)

@@ -103,10 +103,12 @@ def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
 
 
 def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
-                   plan: Callable[[str], QLRConfig] | None = None, progress: bool = True) -> list[ModuleReport]:
+                   plan: Callable[[str], QLRConfig] | None = None, progress: bool = True,
+                   load_block: Callable[[nn.Module, str], None] | None = None) -> list[ModuleReport]:
     """Replace every target linear of ``model`` (in place) by a QLRLinear; returns one report per matrix.
 
     ``plan(name)`` may give a per-matrix QLRConfig (default: ``cfg.qlr`` for all).
+    ``load_block(block, prefix)`` is called before a block is used (lazy, shard-by-shard loading).
     """
     if calib_ids.ndim != 2 or calib_ids.shape[1] < 2:
         raise ValueError(f"calibration ids must be (n_samples, seq_len >= 2), got shape {tuple(calib_ids.shape)}")
@@ -119,6 +121,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     for i in bar:
         block = blocks[i]
         prefix = f"{path}.{i}."
+        if load_block is not None:
+            load_block(block, prefix)
         names = [n for n in targets if n.startswith(prefix)]
         # H of each target's input: a running mean over every calibration token
         accs = {n: HessianAccumulator(weight_of(targets[n]).shape[1]) for n in names}
@@ -138,11 +142,13 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             seconds = time.perf_counter() - t0
             error = d.error if cfg.use_hessian else h_weighted_error(d.weight() - W, H) / (h_weighted_error(W, H) or 1.0)
             bias = getattr(module, "bias", None)
+            kind = "conv1d" if is_conv1d(module) else "linear"
             qlr = QLRLinear.from_decomposition(d, bias.detach() if bias is not None else None)
-            qlr.spec["layout"] = "conv1d" if is_conv1d(module) else "linear"  # how the dense export stores W
+            qlr.spec["layout"] = kind  # how the dense export stores W
             set_module(model, n, qlr)
+            del module, bias, targets[n]  # drop the dense weight as soon as its packed form is in place
             reports.append(ModuleReport(
-                name=n, shape=tuple(W.shape), kind="conv1d" if is_conv1d(module) else "linear",
+                name=n, shape=tuple(W.shape), kind=kind,
                 bits_per_param=d.bits_per_param, q_bits_per_param=d.breakdown.q_bits_per_param,
                 error=error, rank=d.rank, time_s=seconds, n_tokens=accs[n].n_tokens))
             bar.set_postfix(matrix=n[len(prefix):], err=f"{error:.4f}", bits=f"{d.bits_per_param:.2f}")

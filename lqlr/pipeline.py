@@ -40,20 +40,31 @@ def budget_plan(model: nn.Module, base: QLRConfig, bits: float, targets=None):
 def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", config: QLRConfig | CompressConfig | None = None,
              tokenizer=None, budget_bits: float | None = None, output_dir: str | Path | None = None,
              n_samples: int = 32, seq_len: int = 256, seed: int = 0, dense_base: bool = False,
-             progress: bool = True) -> CompressResult:
+             progress: bool = True, lazy: bool = False) -> CompressResult:
     """Compress every linear in the decoder blocks of ``model`` as Q + L·R.
 
     ``model``: a transformers causal LM or a name for :func:`lqlr.models.load_model`.
     ``calibration``: token ids (n, seq_len), or ``"self"`` (sampled from the model), ``"wikitext2"``
     (validation split), or a path to a text file/folder. ``budget_bits`` fits each matrix's rank
     (Q + L·R) or BQ (Q only) to that all-in budget. ``output_dir`` exports the result there.
+    ``lazy=True`` (``model`` a safetensors folder or hub id) reads each decoder block from the
+    checkpoint only when it is compressed, so the dense model never has to fit in memory.
     """
     from .data import calibration_ids, generated_ids, text_from_path, wikitext2_text
     from .export import save_compressed
     from .models import load_model
 
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
-    if isinstance(model, str):
+    load_block = None
+    if isinstance(model, str) and lazy:
+        from transformers import AutoTokenizer
+
+        from .lazy import lazy_model, resolve_checkpoint
+
+        folder = resolve_checkpoint(model)
+        model, _, load_block = lazy_model(folder)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
+    elif isinstance(model, str):
         model, tok = load_model(model)
         tokenizer = tokenizer or tok
     ccfg = config if isinstance(config, CompressConfig) else CompressConfig(qlr=config or QLRConfig())
@@ -70,7 +81,7 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
     else:
         ids = calibration
     plan = budget_plan(model, ccfg.qlr, budget_bits, ccfg.targets) if budget_bits is not None else None
-    reports = compress_model(model, ids, ccfg, plan=plan, progress=progress)
+    reports = compress_model(model, ids, ccfg, plan=plan, progress=progress, load_block=load_block)
     out = None
     if output_dir is not None:
         source = {"model": str(name), "qlr": ccfg.qlr.to_dict(), "budget_bits": budget_bits,

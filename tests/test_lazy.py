@@ -1,0 +1,73 @@
+"""Shard-by-shard loading gives exactly the eager result, with later blocks still unloaded."""
+import pytest
+import torch
+
+import lqlr
+from lqlr.arch import find_blocks
+from lqlr.compress import CompressConfig, compress_model
+from lqlr.layer import QLRLinear
+from lqlr.lazy import lazy_model
+
+
+def _tiny_llama(tmp_path, tied=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards + an index
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lazy_equals_eager_and_loads_one_block_at_a_time(tmp_path, tied):
+    eager = _tiny_llama(tmp_path, tied)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    calib = torch.randint(3, 300, (6, 32), generator=torch.Generator().manual_seed(1))
+    cfg = CompressConfig(qlr=lqlr.QLRConfig(bq=2, rank=4, group_size=32, iters=2, incoherence=True))
+    compress_model(eager, calib, cfg, progress=False)
+
+    lazy, _, loader = lazy_model(tmp_path)
+    _, blocks = find_blocks(lazy)
+    assert all(p.device.type == "meta" for p in blocks.parameters())
+    seen = []
+
+    def spy(block, prefix):
+        later = [b for b in blocks[len(seen) + 1:]]
+        assert all(p.device.type == "meta" for b in later for p in b.parameters())  # not read yet
+        seen.append(prefix)
+        loader(block, prefix)
+
+    compress_model(lazy, calib, cfg, progress=False, load_block=spy)
+    assert seen == ["model.layers.0.", "model.layers.1.", "model.layers.2."]
+    assert not any(p.device.type == "meta" for p in lazy.parameters())
+    for (n, a), (_, b) in zip(eager.named_modules(), lazy.named_modules()):
+        if isinstance(a, QLRLinear):
+            for (k, x), (_, y) in zip(a.packed_tensors().items(), b.packed_tensors().items()):
+                assert torch.equal(x, y), f"{n}.{k} differs"
+    probe = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(lazy(probe).logits, eager(probe).logits)
+
+
+def test_lazy_needs_safetensors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        lazy_model(tmp_path)
+
+
+def test_cli_lazy_run_matches_eager(tmp_path):
+    from test_cli import SMALL, _compose
+
+    from lqlr.cli import run
+    from lqlr.models import shared_assets_dir
+
+    folder = shared_assets_dir() / "stories260K"  # a plain safetensors checkpoint folder
+    common = [o for o in SMALL if not o.startswith("model=")] + ["model=hub", f"model.name={folder}", "method=gptq",
+                                                                  "eval.max_windows=1"]
+    eager = run(_compose(common + [f"output_dir={tmp_path / 'e'}"]), tmp_path)
+    lazy = run(_compose(common + ["model.lazy=true", f"output_dir={tmp_path / 'l'}"]), tmp_path)
+    assert lazy["bits_per_param"] == eager["bits_per_param"]
+    assert lazy["ppl"] == pytest.approx(eager["ppl"], rel=1e-6) and "kl" not in lazy
+    with pytest.raises(ValueError, match="data=self"):
+        run(_compose(common + ["model.lazy=true", "data=self"]), tmp_path)
