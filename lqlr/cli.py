@@ -69,6 +69,7 @@ class EvalConf:
 @dataclass
 class ExportConf:
     dense_base: bool = False  # also write dense/: a plain HF folder with Q dequantized
+    untouched_dtype: str = "float16"  # storage of embeddings, norms, LM head: float16 | bfloat16 | float32 (bit-exact)
 
 
 @dataclass
@@ -177,6 +178,10 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     # validate the whole config before any slow step
     ccfg = CompressConfig(qlr=qlr_config(cfg.method, cfg.seed), targets=cfg.model.targets,
                           hessian_mode=cfg.method.hessian_mode, use_hessian=cfg.method.use_hessian)
+    from .export import UNTOUCHED_DTYPES
+
+    if cfg.export.untouched_dtype not in UNTOUCHED_DTYPES:
+        raise ValueError(f"export.untouched_dtype={cfg.export.untouched_dtype!r}: choose one of {sorted(UNTOUCHED_DTYPES)}")
     if cfg.budget.bits is not None and cfg.budget.bits <= 0:
         raise ValueError(f"budget.bits={cfg.budget.bits}: must be a positive number of all-in bits per parameter")
     if cfg.model.lazy:
@@ -206,7 +211,8 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
     source = {"model": cfg.model.name, "model_type": model.config.model_type, "method": cfg.method.name,
               "budget_bits": cfg.budget.bits, "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
-    save_compressed(model, out_dir, source=source, reports=reports, tokenizer=tokenizer, dense_base=cfg.export.dense_base)
+    save_compressed(model, out_dir, source=source, reports=reports, tokenizer=tokenizer,
+                    dense_base=cfg.export.dense_base, untouched_dtype=cfg.export.untouched_dtype)
     n = sum(r.shape[0] * r.shape[1] for r in reports)
     result: dict[str, Any] = {
         "model": cfg.model.name, "method": cfg.method.name, "budget_bits": cfg.budget.bits,

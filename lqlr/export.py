@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .arch import is_conv1d, set_module
+from .arch import set_module
+from .lazy import parameters_on_meta
 
 FORMAT = "lqlr"
 FORMAT_VERSION = 1
@@ -109,15 +110,16 @@ def save_adapter(qlr: dict[str, nn.Module], out: Path, base_name: str) -> None:
     _write_json(out / "adapter_config.json", config)
 
 
-def save_dense(model: nn.Module, qlr: dict[str, nn.Module], out: Path) -> None:
-    """A plain transformers folder with each compressed weight replaced by its dequantized Q."""
+def save_dense(model: nn.Module, qlr: dict[str, nn.Module], out: Path, untouched_dtype: torch.dtype = torch.float32) -> None:
+    """A plain float32 transformers folder with each compressed weight replaced by its dequantized Q;
+    untouched tensors carry the same (rounded) values as the packed base."""
     out.mkdir(parents=True, exist_ok=True)
     state = _unique_state(model)
     dense = {}
     for k, v in state.items():
         module_name = k.rsplit(".", 1)[0]
         if module_name not in qlr:
-            dense[k] = v
+            dense[k] = v.to(untouched_dtype).to(v.dtype) if v.is_floating_point() else v
     for name, m in qlr.items():
         Q = m.q_weight()
         dense[f"{name}.weight"] = Q.T.contiguous() if m.spec.get("layout") == "conv1d" else Q
@@ -127,21 +129,33 @@ def save_dense(model: nn.Module, qlr: dict[str, nn.Module], out: Path) -> None:
     _clean_config(model).save_pretrained(out)
 
 
+UNTOUCHED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[str, Any], reports: list | None = None,
-                    tokenizer=None, dense_base: bool = False) -> Path:
-    """Write the export directory; returns its path. The manifest (with checksums) is written last."""
+                    tokenizer=None, dense_base: bool = False, untouched_dtype: str = "float16") -> Path:
+    """Write the export directory; returns its path. The manifest (with checksums) is written last.
+
+    ``untouched_dtype``: storage of the tensors that are not compressed (embeddings, norms, LM head),
+    16-bit by default (DESIGN §3); ``"float32"`` keeps them bit-exact.
+    """
+    if untouched_dtype not in UNTOUCHED_DTYPES:
+        raise ValueError(f"untouched_dtype={untouched_dtype!r}: choose one of {sorted(UNTOUCHED_DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qlr = _qlr_modules(model)
     if not qlr:
         raise ValueError("the model has no QLRLinear module: compress it before saving")
-    _save_tensors(_unique_state(model), out / BASE_FILE)
+    packed_keys = {f"{n}.{b}" for n, m in qlr.items() for b, _ in m.named_buffers(recurse=False)}
+    dtype = UNTOUCHED_DTYPES[untouched_dtype]
+    base = {k: v.to(dtype) if k not in packed_keys and v.is_floating_point() else v for k, v in _unique_state(model).items()}
+    _save_tensors(base, out / BASE_FILE)
     _clean_config(model).save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     save_adapter(qlr, out / ADAPTER_DIR, base_name=str(out / DENSE_DIR) if dense_base else source.get("model", ""))
     if dense_base:
-        save_dense(model, qlr, out / DENSE_DIR)
+        save_dense(model, qlr, out / DENSE_DIR, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / DENSE_DIR)
     report_by_name = {r.name: r.to_dict() for r in (reports or [])}
@@ -155,6 +169,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
     bits = sum(modules[n].get("bits_per_param", 0) * m.out_features * m.in_features for n, m in qlr.items())
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "source": source, "modules": modules,
+        "untouched_dtype": untouched_dtype,
         "summary": {"compressed_params": params, "bits_per_param": bits / params if params else None,
                     "n_modules": len(qlr)},
         "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
@@ -201,19 +216,21 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    with parameters_on_meta():  # no dense weights are ever allocated: memory ≈ the packed file
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     for name, entry in manifest["modules"].items():
         out_f, in_f = entry["shape"]
         set_module(model, name, QLRLinear(in_f, out_f, entry["spec"], bias=entry["bias"]))
+    packed = {f"{n}.{b}" for n in manifest["modules"] for b in ("q_codes", "q_scale", "q_zero", "l_codes", "l_scale",
+                                                               "l_zero", "r_codes", "r_scale", "r_zero", "l_weight", "r_weight")}
     state = load_file(str(root / BASE_FILE))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    # untouched tensors may be stored in 16 bits: compute in float32 like the source model
+    state = {k: v.float() if k not in packed and v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in missing if any(p.device.type == "meta" for n, p in model.named_parameters() if n == k)]
     if missing or unexpected:
         raise IntegrityError(f"{root / BASE_FILE} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
     model.to(device).eval()
     if not peft:
         return model

@@ -58,7 +58,7 @@ def exported(request, tmp_path_factory):
     cfg = CompressConfig(qlr=lqlr.QLRConfig(bq=2, rank=4, bl=4, br=4, group_size=32, iters=2, incoherence=True))
     reports = compress_model(model, calib, cfg, progress=False)
     out = save_compressed(model, tmp_path_factory.mktemp(request.param), source={"model": request.param},
-                          reports=reports, tokenizer=tokenizer, dense_base=True)
+                          reports=reports, tokenizer=tokenizer, dense_base=True, untouched_dtype="float32")
     probe = torch.randint(3, vocab, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(probe).logits
@@ -139,3 +139,30 @@ def test_evaluate_an_export(exported):
     result = lqlr.evaluate(out, seq_len=128, max_windows=2)
     assert result["ppl"] > 1 and result["kl"] > 0 and result["eval_tokens"] == 256
     assert result["bits_per_param"] == pytest.approx(read_manifest(out)["summary"]["bits_per_param"])
+
+
+def test_default_export_stores_untouched_tensors_in_16_bits(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lqlr.eval import size_on_disk
+
+    model = _tiny("qwen2")
+    calib = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    compress_model(model, calib, CompressConfig(qlr=lqlr.QLRConfig(bq=3, rank=4, group_size=32, iters=1)), progress=False)
+    half = save_compressed(model, tmp_path / "half", source={"model": "qwen2"}, dense_base=True)
+    full = save_compressed(model, tmp_path / "full", source={"model": "qwen2"}, untouched_dtype="float32")
+    assert (half / "model.safetensors").stat().st_size < 0.75 * (full / "model.safetensors").stat().st_size
+    probe = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(probe).logits
+        ours = load(half)(probe).logits
+        stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(half / "dense"), half / "adapter")(probe).logits
+    assert _rel(stock, ours) < 1e-5  # both read the same rounded tensors
+    assert 0 < _rel(ours, ref) < 1e-2  # 16-bit embeddings: close, not identical
+    loaded = load(half)
+    stored = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    dense_fp32 = sum(p.numel() * 4 for p in _tiny("qwen2").parameters())
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert stored < 0.5 * dense_fp32  # compressed linears stay packed in memory
+    assert size_on_disk(half) > 0
