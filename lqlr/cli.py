@@ -29,6 +29,7 @@ class ModelConf:
     name: str = "smollm2-135m"  # a known name (stories260k, smollm2-135m), a local HF folder, or a hub id
     targets: Any = None  # PEFT-style target_modules: regex string or list of names/suffixes; null = all block linears
     lazy: bool = False  # read each block from the safetensors shards only when it is compressed (models > RAM)
+    lm_head: bool = False  # also compress the output projection (unties it from tied input embeddings)
 
 
 @dataclass
@@ -177,7 +178,8 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     # validate the whole config before any slow step
     ccfg = CompressConfig(qlr=qlr_config(cfg.method, cfg.seed), targets=cfg.model.targets,
-                          hessian_mode=cfg.method.hessian_mode, use_hessian=cfg.method.use_hessian)
+                          hessian_mode=cfg.method.hessian_mode, use_hessian=cfg.method.use_hessian,
+                          lm_head=cfg.model.lm_head)
     from .export import UNTOUCHED_DTYPES
 
     if cfg.export.untouched_dtype not in UNTOUCHED_DTYPES:

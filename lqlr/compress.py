@@ -38,6 +38,7 @@ class CompressConfig:
     hessian_mode: str = "sequential"
     batch_size: int = 8
     use_hessian: bool = True  # False: decompose under H = I (RTN, LoftQ); errors are still reported under H
+    lm_head: bool = False  # also compress the output projection (unties it from tied input embeddings)
 
     def __post_init__(self) -> None:
         if isinstance(self.qlr, dict):
@@ -133,30 +134,55 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             for h in hooks:
                 h.remove()
         for n in names:
-            module = targets[n]
-            W = weight_of(module)
-            H = accs[n].hessian()
-            qcfg = plan(n) if plan else cfg.qlr
-            t0 = time.perf_counter()
-            d = decompose(W, H if cfg.use_hessian else None, qcfg)  # min tr((Q + LR − W) H (·)ᵀ)
-            seconds = time.perf_counter() - t0
-            error = d.error if cfg.use_hessian else h_weighted_error(d.weight() - W, H) / (h_weighted_error(W, H) or 1.0)
-            bias = getattr(module, "bias", None)
-            kind = "conv1d" if is_conv1d(module) else "linear"
-            qlr = QLRLinear.from_decomposition(d, bias.detach() if bias is not None else None)
-            qlr.spec["layout"] = kind  # how the dense export stores W
-            set_module(model, n, qlr)
-            del module, bias, targets[n]  # drop the dense weight as soon as its packed form is in place
-            reports.append(ModuleReport(
-                name=n, shape=tuple(W.shape), kind=kind,
-                bits_per_param=d.bits_per_param, q_bits_per_param=d.breakdown.q_bits_per_param,
-                error=error, rank=d.rank, time_s=seconds, n_tokens=accs[n].n_tokens))
-            bar.set_postfix(matrix=n[len(prefix):], err=f"{error:.4f}", bits=f"{d.bits_per_param:.2f}")
+            report = _compress_one(model, n, targets.pop(n), accs[n], plan(n) if plan else cfg.qlr, cfg.use_hessian)
+            reports.append(report)
+            bar.set_postfix(matrix=n[len(prefix):], err=f"{report.error:.4f}", bits=f"{report.bits_per_param:.2f}")
         if names and cfg.hessian_mode == "sequential":
             outputs = _run_block(block, inputs)  # the next block sees this block's compressed outputs
         for entry, out in zip(inputs, outputs):
             entry[0] = out
+    if cfg.lm_head:
+        reports.append(_compress_lm_head(model, calib_ids, cfg, plan))
     return reports
+
+
+def _compress_one(model: nn.Module, name: str, module: nn.Module, acc: HessianAccumulator, qcfg: QLRConfig,
+                  use_hessian: bool) -> ModuleReport:
+    """Decompose one linear under its captured H and swap in its QLRLinear."""
+    W = weight_of(module)
+    H = acc.hessian()
+    t0 = time.perf_counter()
+    d = decompose(W, H if use_hessian else None, qcfg)  # min tr((Q + LR − W) H (Q + LR − W)ᵀ)
+    seconds = time.perf_counter() - t0
+    error = d.error if use_hessian else h_weighted_error(d.weight() - W, H) / (h_weighted_error(W, H) or 1.0)
+    kind = "conv1d" if is_conv1d(module) else "linear"
+    bias = getattr(module, "bias", None)
+    qlr = QLRLinear.from_decomposition(d, bias.detach() if bias is not None else None)
+    qlr.spec["layout"] = kind  # how the dense export stores W
+    set_module(model, name, qlr)  # the dense weight goes with the last reference to ``module``
+    return ModuleReport(name=name, shape=tuple(W.shape), kind=kind, bits_per_param=d.bits_per_param,
+                        q_bits_per_param=d.breakdown.q_bits_per_param, error=error, rank=d.rank,
+                        time_s=seconds, n_tokens=acc.n_tokens)
+
+
+def _compress_lm_head(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
+                      plan: Callable[[str], QLRConfig] | None) -> ModuleReport:
+    """Compress the output projection under the H of the (already compressed) model's final hidden states."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    if getattr(model.config, "tie_word_embeddings", False):
+        head.weight = nn.Parameter(head.weight.detach().clone())  # untie: the input embeddings stay as they are
+        model.config.tie_word_embeddings = False
+    acc = HessianAccumulator(weight_of(head).shape[1])
+    hook = head.register_forward_pre_hook(lambda m, a: acc.add_batch(a[0]))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in calib_ids.split(cfg.batch_size):
+                model(batch.to(device), use_cache=False)
+    finally:
+        hook.remove()
+    return _compress_one(model, name, head, acc, plan(name) if plan else cfg.qlr, cfg.use_hessian)
 
 
 def summary_table(reports: list[ModuleReport]) -> str:

@@ -29,12 +29,21 @@ class CompressResult:
 
 
 def budget_plan(model: nn.Module, base: QLRConfig, bits: float, targets=None):
-    """Per-matrix configs of ``base``'s method fitted to an all-in budget (see lqlr.budget)."""
+    """``plan(name)``: the config of ``base``'s method fitted to an all-in budget for that matrix
+    (see lqlr.budget). Every target is checked up front, so an infeasible budget fails before any work."""
     from .arch import target_linears, weight_of
     from .budget import fit_to_budget
 
-    plans = {n: fit_to_budget(base, *weight_of(m).shape, bits) for n, m in target_linears(model, targets).items()}
-    return plans.__getitem__
+    cache: dict[str, QLRConfig] = {}
+
+    def plan(name: str) -> QLRConfig:
+        if name not in cache:
+            cache[name] = fit_to_budget(base, *weight_of(model.get_submodule(name)).shape, bits)
+        return cache[name]
+
+    for name in target_linears(model, targets):
+        plan(name)
+    return plan
 
 
 def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", config: QLRConfig | CompressConfig | None = None,

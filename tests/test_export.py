@@ -166,3 +166,19 @@ def test_default_export_stores_untouched_tensors_in_16_bits(tmp_path):
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     assert stored < 0.5 * dense_fp32  # compressed linears stay packed in memory
     assert size_on_disk(half) > 0
+
+
+def test_lm_head_can_be_compressed_and_untied(tmp_path):
+    from lqlr.layer import QLRLinear
+
+    model, tok = _stories()
+    assert model.config.tie_word_embeddings
+    calib = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig(qlr=lqlr.QLRConfig(bq=4, rank=0, group_size=32), targets=["q_proj"], lm_head=True)
+    reports = compress_model(model, calib, cfg, progress=False)
+    assert reports[-1].name == "lm_head" and reports[-1].shape == (512, 64)
+    assert isinstance(model.lm_head, QLRLinear) and not isinstance(model.model.embed_tokens, QLRLinear)
+    out = save_compressed(model, tmp_path / "x", source={"model": "stories260k"}, untouched_dtype="float32")
+    probe = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _rel(load(out)(probe).logits, model(probe).logits) < 1e-5
