@@ -99,7 +99,7 @@ def lr_objective(A: torch.Tensor, H: torch.Tensor | None, L: torch.Tensor, R: to
 
 
 def lr_step(A: torch.Tensor, plan: LDLQPlan | None, C: torch.Tensor | None, k: int, bl: int, br: int,
-            group_size: int, grid: str = "uniform", lr_iters: int = 10, damp: float = 0.01,
+            group_size: int, grid: str = "uniform", lr_iters: int = 3, damp: float = 0.01,
             block_size: int = 128, clip_search: bool = True, svd: str = "auto", seed: int = 0) -> Factors:
     """min over L, R on their grids of tr((A − L R) H (A − L R)ᵀ), by LPLR from the closed form.
 
