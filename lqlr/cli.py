@@ -82,6 +82,7 @@ class MainConf:
     eval: EvalConf = field(default_factory=EvalConf)
     export: ExportConf = field(default_factory=ExportConf)
     output_dir: Optional[str] = None  # null: <hydra run dir>/model
+    resume: bool = True  # checkpoint each finished block next to output_dir; a rerun after a crash resumes
     seed: int = 0
     progress: bool = True
 
@@ -186,6 +187,8 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         raise ValueError(f"export.untouched_dtype={cfg.export.untouched_dtype!r}: choose one of {sorted(UNTOUCHED_DTYPES)}")
     if cfg.budget.bits is not None and cfg.budget.bits <= 0:
         raise ValueError(f"budget.bits={cfg.budget.bits}: must be a positive number of all-in bits per parameter")
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
+    resume_dir = out_dir.with_name(out_dir.name + ".checkpoints") if cfg.resume else None
     if cfg.model.lazy:
         # the dense model is never whole in memory: no data-free calibration, no KL reference
         if cfg.data.source == "self":
@@ -200,21 +203,25 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         reference = None
         t0 = time.perf_counter()
         res = compress(str(folder), calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits,
-                       progress=cfg.progress, lazy=True)
+                       progress=cfg.progress, lazy=True, resume_dir=resume_dir)
         model = res.model
     else:
         model, tokenizer = load_model(cfg.model.name)
         reference = copy.deepcopy(model) if cfg.eval.enabled else None
         calib = calibration(cfg.data, model, tokenizer, cfg.progress)
         t0 = time.perf_counter()
-        res = compress(model, calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits, progress=cfg.progress)
+        res = compress(model, calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits, progress=cfg.progress,
+                       resume_dir=resume_dir)
     reports = res.reports
     compress_s = time.perf_counter() - t0
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
     source = {"model": cfg.model.name, "model_type": model.config.model_type, "method": cfg.method.name,
               "budget_bits": cfg.budget.bits, "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
     save_compressed(model, out_dir, source=source, reports=reports, tokenizer=tokenizer,
                     dense_base=cfg.export.dense_base, untouched_dtype=cfg.export.untouched_dtype)
+    if resume_dir is not None:
+        import shutil
+
+        shutil.rmtree(resume_dir, ignore_errors=True)  # the export is complete: checkpoints are no longer needed
     n = sum(r.shape[0] * r.shape[1] for r in reports)
     result: dict[str, Any] = {
         "model": cfg.model.name, "method": cfg.method.name, "budget_bits": cfg.budget.bits,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from .config import QLRConfig
 from .decompose import decompose
 from .hessian import h_weighted_error
 from .layer import QLRLinear
+
+if TYPE_CHECKING:
+    from .checkpoint import BlockCheckpoints
 
 HESSIAN_MODES = ("sequential", "independent")
 
@@ -105,11 +108,13 @@ def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
 
 def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
                    plan: Callable[[str], QLRConfig] | None = None, progress: bool = True,
-                   load_block: Callable[[nn.Module, str], None] | None = None) -> list[ModuleReport]:
+                   load_block: Callable[[nn.Module, str], None] | None = None,
+                   checkpoints: "BlockCheckpoints | None" = None) -> list[ModuleReport]:
     """Replace every target linear of ``model`` (in place) by a QLRLinear; returns one report per matrix.
 
     ``plan(name)`` may give a per-matrix QLRConfig (default: ``cfg.qlr`` for all).
     ``load_block(block, prefix)`` is called before a block is used (lazy, shard-by-shard loading).
+    ``checkpoints`` saves each finished block and reloads blocks a killed run already finished.
     """
     if calib_ids.ndim != 2 or calib_ids.shape[1] < 2:
         raise ValueError(f"calibration ids must be (n_samples, seq_len >= 2), got shape {tuple(calib_ids.shape)}")
@@ -125,6 +130,19 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
         if load_block is not None:
             load_block(block, prefix)
         names = [n for n in targets if n.startswith(prefix)]
+        saved = checkpoints.load(i) if checkpoints is not None else None
+        if saved is not None:  # finished by an earlier, interrupted run: reuse it bit for bit
+            modules, saved_reports = saved
+            outputs = _run_block(block, inputs) if cfg.hessian_mode == "independent" else None
+            for n, m in modules.items():
+                set_module(model, n, m)
+                targets.pop(n, None)
+            reports.extend(ModuleReport(**{**r, "shape": tuple(r["shape"])}) for r in saved_reports)
+            if outputs is None:
+                outputs = _run_block(block, inputs)
+            for entry, out in zip(inputs, outputs):
+                entry[0] = out
+            continue
         # H of each target's input: a running mean over every calibration token
         accs = {n: HessianAccumulator(weight_of(targets[n]).shape[1]) for n in names}
         hooks = [targets[n].register_forward_pre_hook(lambda m, a, n=n: accs[n].add_batch(a[0])) for n in names]
@@ -137,6 +155,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             report = _compress_one(model, n, targets.pop(n), accs[n], plan(n) if plan else cfg.qlr, cfg.use_hessian)
             reports.append(report)
             bar.set_postfix(matrix=n[len(prefix):], err=f"{report.error:.4f}", bits=f"{report.bits_per_param:.2f}")
+        if checkpoints is not None:
+            checkpoints.save(i, {n: model.get_submodule(n) for n in names}, [r.to_dict() for r in reports[-len(names):]] if names else [])
         if names and cfg.hessian_mode == "sequential":
             outputs = _run_block(block, inputs)  # the next block sees this block's compressed outputs
         for entry, out in zip(inputs, outputs):

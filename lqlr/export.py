@@ -162,7 +162,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
     modules = {}
     for name, m in qlr.items():
         entry = {"spec": m.spec, "shape": [m.out_features, m.in_features], "bias": m.bias is not None}
-        entry.update({k: v for k, v in report_by_name.get(name, {}).items() if k not in ("name",)})
+        entry.update({k: v for k, v in report_by_name.get(name, {}).items() if k not in ("name", "time_s")})
         modules[name] = entry
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
     params = sum(m.out_features * m.in_features for m in qlr.values())

@@ -49,7 +49,7 @@ def budget_plan(model: nn.Module, base: QLRConfig, bits: float, targets=None):
 def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", config: QLRConfig | CompressConfig | None = None,
              tokenizer=None, budget_bits: float | None = None, output_dir: str | Path | None = None,
              n_samples: int = 32, seq_len: int = 256, seed: int = 0, dense_base: bool = False,
-             progress: bool = True, lazy: bool = False) -> CompressResult:
+             progress: bool = True, lazy: bool = False, resume_dir: str | Path | None = None) -> CompressResult:
     """Compress every linear in the decoder blocks of ``model`` as Q + L·R.
 
     ``model``: a transformers causal LM or a name for :func:`lqlr.models.load_model`.
@@ -58,6 +58,8 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
     (Q + L·R) or BQ (Q only) to that all-in budget. ``output_dir`` exports the result there.
     ``lazy=True`` (``model`` a safetensors folder or hub id) reads each decoder block from the
     checkpoint only when it is compressed, so the dense model never has to fit in memory.
+    ``resume_dir`` keeps a checkpoint per finished block there; rerunning the same call after a crash
+    resumes and gives identical output (the folder is removed once the export is written).
     """
     from .data import calibration_ids, generated_ids, text_from_path, wikitext2_text
     from .export import save_compressed
@@ -90,10 +92,22 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
     else:
         ids = calibration
     plan = budget_plan(model, ccfg.qlr, budget_bits, ccfg.targets) if budget_bits is not None else None
-    reports = compress_model(model, ids, ccfg, plan=plan, progress=progress, load_block=load_block)
+    checkpoints = None
+    if resume_dir is not None:
+        from .checkpoint import BlockCheckpoints, fingerprint
+
+        run_id = fingerprint(str(name), ids, ccfg.qlr.to_dict(), ccfg.targets, ccfg.hessian_mode, ccfg.use_hessian,
+                             ccfg.lm_head, budget_bits)
+        checkpoints = BlockCheckpoints(resume_dir, run_id)
+    reports = compress_model(model, ids, ccfg, plan=plan, progress=progress, load_block=load_block,
+                             checkpoints=checkpoints)
     out = None
     if output_dir is not None:
         source = {"model": str(name), "qlr": ccfg.qlr.to_dict(), "budget_bits": budget_bits,
                   "hessian_mode": ccfg.hessian_mode, "targets": ccfg.targets}
         out = save_compressed(model, output_dir, source=source, reports=reports, tokenizer=tokenizer, dense_base=dense_base)
+    if resume_dir is not None and output_dir is not None:
+        import shutil
+
+        shutil.rmtree(resume_dir, ignore_errors=True)
     return CompressResult(model=model, tokenizer=tokenizer, reports=reports, output_dir=out)
