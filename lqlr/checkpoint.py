@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .export import atomic_write
 from .layer import QLRLinear
 
 
@@ -52,12 +53,7 @@ class BlockCheckpoints:
                 tensors[f"{name}.bias"] = m.bias.detach().contiguous()
             specs[name] = {"spec": m.spec, "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
         meta = {"run_id": self.run_id, "block": str(i), "modules": json.dumps(specs), "reports": json.dumps(reports)}
-        final = self.path(i)
-        tmp = final.with_name(final.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        atomic_write(self.path(i), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         dir_fd = os.open(self.folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -171,7 +171,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
 
     from .compress import CompressConfig, summary_table
     from .eval import size_on_disk
-    from .export import save_compressed
+    from .export import UNTOUCHED_DTYPES, check_output_dir, save_compressed
     from .models import load_model
     from .pipeline import compress
 
@@ -181,13 +181,14 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     ccfg = CompressConfig(qlr=qlr_config(cfg.method, cfg.seed), targets=cfg.model.targets,
                           hessian_mode=cfg.method.hessian_mode, use_hessian=cfg.method.use_hessian,
                           lm_head=cfg.model.lm_head)
-    from .export import UNTOUCHED_DTYPES
-
     if cfg.export.untouched_dtype not in UNTOUCHED_DTYPES:
         raise ValueError(f"export.untouched_dtype={cfg.export.untouched_dtype!r}: choose one of {sorted(UNTOUCHED_DTYPES)}")
     if cfg.budget.bits is not None and cfg.budget.bits <= 0:
         raise ValueError(f"budget.bits={cfg.budget.bits}: must be a positive number of all-in bits per parameter")
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
+    source = {"model": cfg.model.name, "method": cfg.method.name, "budget_bits": cfg.budget.bits,
+              "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
+    check_output_dir(out_dir, source)  # before any slow step: never overwrite a different run's export
     resume_dir = out_dir.with_name(out_dir.name + ".checkpoints") if cfg.resume else None
     if cfg.model.lazy:
         # the dense model is never whole in memory: no data-free calibration, no KL reference
@@ -214,8 +215,6 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
                        resume_dir=resume_dir)
     reports = res.reports
     compress_s = time.perf_counter() - t0
-    source = {"model": cfg.model.name, "model_type": model.config.model_type, "method": cfg.method.name,
-              "budget_bits": cfg.budget.bits, "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
     save_compressed(model, out_dir, source=source, reports=reports, tokenizer=tokenizer,
                     dense_base=cfg.export.dense_base, untouched_dtype=cfg.export.untouched_dtype)
     if resume_dir is not None:
@@ -225,7 +224,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     n = sum(r.shape[0] * r.shape[1] for r in reports)
     result: dict[str, Any] = {
         "model": cfg.model.name, "method": cfg.method.name, "budget_bits": cfg.budget.bits,
-        "bits_per_param": sum(r.bits_per_param * r.shape[0] * r.shape[1] for r in reports) / n,
+        "bits_per_param": res.bits_per_param,
         "q_bits_per_param": sum(r.q_bits_per_param * r.shape[0] * r.shape[1] for r in reports) / n,
         "bits_counted": "all-in over the compressed block linears: Q codes + scales/zeros, L and R codes + scales, rotation seeds",
         "compressed_params": n, "n_matrices": len(reports),

@@ -11,7 +11,7 @@ Two ways to get each block's inputs:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -171,6 +171,8 @@ def _compress_one(model: nn.Module, name: str, module: nn.Module, acc: HessianAc
     """Decompose one linear under its captured H and swap in its QLRLinear."""
     W = weight_of(module)
     H = acc.hessian()
+    if qcfg.rank > min(W.shape):  # a uniform rank larger than a small matrix: use its full rank
+        qcfg = replace(qcfg, rank=min(W.shape))
     t0 = time.perf_counter()
     d = decompose(W, H if use_hessian else None, qcfg)  # min tr((Q + LR − W) H (Q + LR − W)ᵀ)
     seconds = time.perf_counter() - t0

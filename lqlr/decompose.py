@@ -86,7 +86,10 @@ def decompose(W: torch.Tensor, H: torch.Tensor | None, cfg: QLRConfig | None = N
     if H is not None:
         check_hessian(H, in_f)
         H = H.to(device=device, dtype=torch.float32)
-    k = min(cfg.rank, out_f, in_f)
+    if cfg.rank > min(out_f, in_f):
+        raise ValueError(f"rank={cfg.rank} exceeds min(out, in) = {min(out_f, in_f)} of this {out_f}×{in_f} matrix: "
+                         "use a rank up to that (a full-rank L·R stores more than W)")
+    k = cfg.rank
 
     rot = Incoherence.for_shape(out_f, in_f, cfg.seed) if cfg.incoherence else None
     Wr = rot.rotate_weight(W) if rot else W

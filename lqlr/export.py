@@ -46,19 +46,46 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, data: Any) -> None:
+class ExportWriteError(OSError):
+    """Writing the export failed (e.g. the disk is full); files written before are left intact."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then fsync and rename over ``path``; on failure the temp file is removed, the
+    previous ``path`` (if any) is untouched, and one ExportWriteError names the file and the fix."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise ExportWriteError(err.errno, f"writing {path} failed ({reason}): free space or choose another "
+                                          "output_dir and rerun; files written before are intact") from err
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
+
+
+def check_output_dir(out: str | os.PathLike, source: dict[str, Any]) -> None:
+    """Refuse an output directory that already holds the export of a different run."""
+    manifest = Path(out) / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        previous = json.loads(manifest.read_text()).get("source")
+    except (OSError, json.JSONDecodeError):
+        previous = None
+    if json.loads(json.dumps(previous, default=str)) != json.loads(json.dumps(source, default=str)):
+        raise FileExistsError(f"{out} already holds a different lqlr export: choose another output_dir or delete it")
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -142,10 +169,11 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
     if untouched_dtype not in UNTOUCHED_DTYPES:
         raise ValueError(f"untouched_dtype={untouched_dtype!r}: choose one of {sorted(UNTOUCHED_DTYPES)}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     qlr = _qlr_modules(model)
     if not qlr:
         raise ValueError("the model has no QLRLinear module: compress it before saving")
+    check_output_dir(out, source)
+    out.mkdir(parents=True, exist_ok=True)
     packed_keys = {f"{n}.{b}" for n, m in qlr.items() for b, _ in m.named_buffers(recurse=False)}
     dtype = UNTOUCHED_DTYPES[untouched_dtype]
     base = {k: v.to(dtype) if k not in packed_keys and v.is_floating_point() else v for k, v in _unique_state(model).items()}
@@ -203,11 +231,13 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict[str, Any
     return manifest
 
 
-def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, device: str | torch.device = "cpu"):
+def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, device: str | torch.device = "cpu",
+         adapter: str | os.PathLike | None = None):
     """Load an export as a transformers model whose compressed linears are QLRLinear modules.
 
     ``peft=True`` returns a ``PeftModel`` instead: Q-only QLRLinear bases (kept packed and frozen)
-    with the trainable LoRA adapter L, R from ``adapter/``. ``verify`` checks every file's sha256.
+    with the trainable LoRA adapter L, R from ``adapter/`` (or from ``adapter``, e.g. a fine-tuned
+    one). ``verify`` checks every file's sha256.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -223,7 +253,11 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
         set_module(model, name, QLRLinear(in_f, out_f, entry["spec"], bias=entry["bias"]))
     packed = {f"{n}.{b}" for n in manifest["modules"] for b in ("q_codes", "q_scale", "q_zero", "l_codes", "l_scale",
                                                                "l_zero", "r_codes", "r_scale", "r_zero", "l_weight", "r_weight")}
-    state = load_file(str(root / BASE_FILE))
+    try:
+        state = load_file(str(root / BASE_FILE))
+    except Exception as err:  # truncated or not a safetensors file (only reachable with verify=False)
+        raise IntegrityError(f"cannot read {root / BASE_FILE} ({type(err).__name__}): the file is truncated or corrupt; "
+                             "re-export or restore it") from err
     # untouched tensors may be stored in 16 bits: compute in float32 like the source model
     state = {k: v.float() if k not in packed and v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -236,8 +270,31 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
         return model
     from peft import PeftModel
 
+    adapter = Path(adapter) if adapter is not None else root / ADAPTER_DIR
+    check_adapter(adapter, manifest)
     for name in manifest["modules"]:
         m = model.get_submodule(name)
         if m.rank > 0:
             set_module(model, name, m.without_factors())
-    return PeftModel.from_pretrained(model, str(root / ADAPTER_DIR), is_trainable=True)
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+
+
+def check_adapter(adapter: Path, manifest: dict[str, Any]) -> None:
+    """One-line errors for an adapter that is missing, unsafe, or whose shapes do not fit the base."""
+    weights = adapter / "adapter_model.safetensors"
+    if not (adapter / "adapter_config.json").is_file() or not weights.is_file():
+        raise IntegrityError(f"{adapter} is not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for key, shape in shapes.items():
+        name, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
+        if name not in manifest["modules"]:
+            raise IntegrityError(f"{weights}: {key} targets {name!r}, which is not a compressed module of this model")
+        out_f, in_f = manifest["modules"][name]["shape"]
+        ok = (shape[1] == in_f) if rest.startswith("A") else (shape[0] == out_f)
+        if len(shape) != 2 or not ok:
+            want = f"(r, {in_f})" if rest.startswith("A") else f"({out_f}, r)"
+            raise IntegrityError(f"{weights}: {key} has shape {shape}, the base layer needs {want}: "
+                                 "the adapter was trained for a different model")

@@ -31,7 +31,10 @@ def regularize(H: torch.Tensor, damp: float) -> DampedHessian:
     """Damped H: dead inputs (H_ii = 0) get H_ii = 1, then δ·mean(diag H) is added to the diagonal."""
     H = H.to(torch.float32).clone()
     diag = torch.diagonal(H)
-    dead = diag <= 0
+    if (diag < 0).any():
+        raise ValueError(f"H has {int((diag < 0).sum())} negative diagonal entries, so it is not an input second moment "
+                         "X Xᵀ/n: recompute it from the layer's inputs")
+    dead = diag == 0
     live_mean = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, device=H.device)
     ridge = float(damp) * float(live_mean)
     added = torch.full_like(diag, ridge)

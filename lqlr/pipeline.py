@@ -62,7 +62,7 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
     resumes and gives identical output (the folder is removed once the export is written).
     """
     from .data import calibration_ids, generated_ids, text_from_path, wikitext2_text
-    from .export import save_compressed
+    from .export import check_output_dir, save_compressed
     from .models import load_model
 
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
@@ -91,6 +91,10 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
             ids = calibration_ids(tokenizer, text, n_samples, seq_len, seed)
     else:
         ids = calibration
+    source = {"model": str(name), "qlr": ccfg.qlr.to_dict(), "budget_bits": budget_bits,
+              "hessian_mode": ccfg.hessian_mode, "targets": ccfg.targets}
+    if output_dir is not None:
+        check_output_dir(output_dir, source)  # before any slow step
     plan = budget_plan(model, ccfg.qlr, budget_bits, ccfg.targets) if budget_bits is not None else None
     checkpoints = None
     if resume_dir is not None:
@@ -103,8 +107,6 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
                              checkpoints=checkpoints)
     out = None
     if output_dir is not None:
-        source = {"model": str(name), "qlr": ccfg.qlr.to_dict(), "budget_bits": budget_bits,
-                  "hessian_mode": ccfg.hessian_mode, "targets": ccfg.targets}
         out = save_compressed(model, output_dir, source=source, reports=reports, tokenizer=tokenizer, dense_base=dense_base)
     if resume_dir is not None and output_dir is not None:
         import shutil
