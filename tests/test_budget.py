@@ -30,3 +30,48 @@ def test_infeasible_budgets_say_so():
 def test_group_grows_before_giving_up():
     cfg = fit_to_budget(QLRConfig(bq=2, rank=16, group_size=64), 576, 576, 2.2)  # Q at g64 is 2.28 bits
     assert cfg.group_size > 64 and bits_per_param(576, 576, cfg) <= 2.2
+
+
+def _brute_force(errors, bits, params, budget):
+    import itertools
+
+    best, best_choice = float("inf"), None
+    for choice in itertools.product(*[range(len(e)) for e in errors]):
+        spent = sum(bits[i][j] * params[i] for i, j in enumerate(choice))
+        if spent <= budget * sum(params) + 1e-9:
+            err = sum(errors[i][j] for i, j in enumerate(choice))
+            if err < best:
+                best, best_choice = err, choice
+    return best, best_choice
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_milp_allocation_equals_brute_force(seed):
+    import random
+
+    from lqlr.budget import allocate
+
+    rng = random.Random(seed)
+    n_mat, n_opt = rng.randint(2, 5), rng.randint(2, 4)
+    params = [rng.choice([4096, 16384, 65536]) for _ in range(n_mat)]
+    bits = [sorted(rng.uniform(2, 5) for _ in range(n_opt)) for _ in range(n_mat)]
+    errors = [sorted((rng.uniform(0.001, 0.2) for _ in range(n_opt)), reverse=True) for _ in range(n_mat)]
+    budget = rng.uniform(min(map(min, bits)) + 0.2, 4.5)
+    try:
+        choice = allocate(errors, bits, params, budget)
+    except InfeasibleBudgetError:
+        assert _brute_force(errors, bits, params, budget)[1] is None
+        return
+    best, _ = _brute_force(errors, bits, params, budget)
+    got = sum(errors[i][j] for i, j in enumerate(choice))
+    assert got == pytest.approx(best, rel=1e-9)
+    assert sum(bits[i][j] * params[i] for i, j in enumerate(choice)) <= budget * sum(params) + 1e-6
+
+
+def test_allocation_errors():
+    from lqlr.budget import allocate
+
+    with pytest.raises(InfeasibleBudgetError, match="cheapest option"):
+        allocate([[0.1, 0.01]], [[3.0, 4.0]], [100], 2.5)
+    with pytest.raises(ValueError, match="same matrices"):
+        allocate([[0.1]], [[3.0], [4.0]], [100], 5.0)
