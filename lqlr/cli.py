@@ -106,26 +106,9 @@ def qlr_config(method: MethodConf, seed: int):
 
 def calibration(cfg: DataConf, model, tokenizer, progress: bool = True) -> torch.Tensor:
     """(n_samples, seq_len) calibration ids from the configured source."""
-    from .data import calibration_ids, generated_ids, text_from_path, wikitext2_text
+    from .data import calibration_from
 
-    if cfg.source == "self":
-        return generated_ids(model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, progress=progress)
-    if cfg.source == "wikitext2":
-        text = wikitext2_text(cfg.split)
-    elif cfg.source == "text":
-        if not cfg.path:
-            raise ValueError("data.source=text needs data.path=<file or folder of .txt files>")
-        text = text_from_path(cfg.path)
-    elif cfg.source == "hub":
-        if not cfg.hub_name:
-            raise ValueError("data.source=hub needs data.hub_name (e.g. allenai/c4) and optionally data.hub_config")
-        import datasets
-
-        rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.split, streaming=True)
-        text = "\n\n".join(r[cfg.text_field] for _, r in zip(range(max(cfg.n_samples * 4, 64)), rows))
-    else:
-        raise ValueError(f"data.source={cfg.source!r}: choose self, wikitext2, text or hub")
-    return calibration_ids(tokenizer, text, cfg.n_samples, cfg.seq_len, cfg.seed)
+    return calibration_from(model=model, tokenizer=tokenizer, progress=progress, **asdict(cfg))
 
 
 def evaluate_model(model, reference, tokenizer, cfg: EvalConf, progress: bool) -> dict:

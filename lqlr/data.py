@@ -145,3 +145,28 @@ def text_from_path(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"data.path={str(path)!r} is neither a text file nor a folder with .txt files")
     rows = datasets.load_dataset("text", data_files=[str(f) for f in files], split="train")
     return "\n".join(rows["text"])
+
+
+def calibration_from(source: str, model, tokenizer: PreTrainedTokenizerBase, n_samples: int, seq_len: int, seed: int,
+                     path: str | None = None, hub_name: str | None = None, hub_config: str | None = None,
+                     split: str = "validation", text_field: str = "text", progress: bool = True) -> torch.LongTensor:
+    """(n_samples, seq_len) calibration ids from ``source``: ``self`` (sampled from ``model``), ``wikitext2``
+    (``split``), ``text`` (a file or folder at ``path``) or ``hub`` (``datasets.load_dataset(hub_name, hub_config)``)."""
+    if source == "self":
+        return generated_ids(model, tokenizer, n_samples, seq_len, seed, progress=progress)
+    if source == "wikitext2":
+        text = wikitext2_text(split)
+    elif source == "text":
+        if not path:
+            raise ValueError("data.source=text needs data.path=<file or folder of .txt files>")
+        text = text_from_path(path)
+    elif source == "hub":
+        if not hub_name:
+            raise ValueError("data.source=hub needs data.hub_name (e.g. allenai/c4) and optionally data.hub_config")
+        import datasets
+
+        rows = datasets.load_dataset(hub_name, hub_config, split=split, streaming=True)
+        text = "\n\n".join(r[text_field] for _, r in zip(range(max(n_samples * 4, 64)), rows))
+    else:
+        raise ValueError(f"data.source={source!r}: choose self, wikitext2, text or hub")
+    return calibration_ids(tokenizer, text, n_samples, seq_len, seed)

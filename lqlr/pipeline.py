@@ -61,7 +61,7 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
     ``resume_dir`` keeps a checkpoint per finished block there; rerunning the same call after a crash
     resumes and gives identical output (the folder is removed once the export is written).
     """
-    from .data import calibration_ids, generated_ids, text_from_path, wikitext2_text
+    from .data import calibration_from
     from .export import check_output_dir, save_compressed
     from .models import load_model
 
@@ -84,11 +84,8 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
     if isinstance(calibration, str):
         if tokenizer is None:
             raise ValueError(f"calibration={calibration!r} needs a tokenizer: pass tokenizer= or token ids")
-        if calibration == "self":
-            ids = generated_ids(model, tokenizer, n_samples, seq_len, seed, progress=progress)
-        else:
-            text = wikitext2_text("validation") if calibration == "wikitext2" else text_from_path(calibration)
-            ids = calibration_ids(tokenizer, text, n_samples, seq_len, seed)
+        source = calibration if calibration in ("self", "wikitext2") else "text"
+        ids = calibration_from(source, model, tokenizer, n_samples, seq_len, seed, path=calibration, progress=progress)
     else:
         ids = calibration
     source = {"model": str(name), "qlr": ccfg.qlr.to_dict(), "budget_bits": budget_bits,

@@ -147,3 +147,22 @@ def test_self_generated_calibration_is_seeded():
     c = generated_ids(model, tok, 3, 24, seed=2, progress=False)
     assert a.shape == (3, 24) and torch.equal(a, b) and not torch.equal(a, c)
     assert len(set(a[:, 0].tolist())) > 1  # different random first tokens
+
+
+def test_calibration_from_each_local_source(tmp_path):
+    from lqlr.data import calibration_from, wikitext2_text
+    from lqlr.models import load_model
+
+    model, tok = load_model("stories260k")
+    (tmp_path / "a.txt").write_text(wikitext2_text("validation")[:20000])
+    from_file = calibration_from("text", None, tok, 3, 32, 0, path=str(tmp_path / "a.txt"))
+    from_folder = calibration_from("text", None, tok, 3, 32, 0, path=str(tmp_path))
+    assert from_file.shape == (3, 32) and torch.equal(from_file, from_folder)
+    assert calibration_from("wikitext2", None, tok, 2, 16, 0).shape == (2, 16)
+    assert calibration_from("self", model, tok, 2, 16, 0, progress=False).shape == (2, 16)
+    with pytest.raises(ValueError, match="needs data.path"):
+        calibration_from("text", None, tok, 2, 16, 0)
+    with pytest.raises(ValueError, match="needs data.hub_name"):
+        calibration_from("hub", None, tok, 2, 16, 0)
+    with pytest.raises(ValueError, match="choose self, wikitext2, text or hub"):
+        calibration_from("somewhere", None, tok, 2, 16, 0)
