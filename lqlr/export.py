@@ -251,8 +251,7 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
     for name, entry in manifest["modules"].items():
         out_f, in_f = entry["shape"]
         set_module(model, name, QLRLinear(in_f, out_f, entry["spec"], bias=entry["bias"]))
-    packed = {f"{n}.{b}" for n in manifest["modules"] for b in ("q_codes", "q_scale", "q_zero", "l_codes", "l_scale",
-                                                               "l_zero", "r_codes", "r_scale", "r_zero", "l_weight", "r_weight")}
+    packed = {f"{n}.{b}" for n in manifest["modules"] for b, _ in model.get_submodule(n).named_buffers(recurse=False)}
     try:
         state = load_file(str(root / BASE_FILE))
     except Exception as err:  # truncated or not a safetensors file (only reachable with verify=False)
