@@ -28,7 +28,7 @@ class CompressResult:
         return sum(r.bits_per_param * r.shape[0] * r.shape[1] for r in self.reports) / n
 
 
-def budget_plan(model: nn.Module, base: QLRConfig, bits: float, targets=None):
+def budget_plan(model: nn.Module, base: QLRConfig, bits: float, targets=None, mode: str = "below"):
     """``plan(name)``: the config of ``base``'s method fitted to an all-in budget for that matrix
     (see lqlr.budget). Every target is checked up front, so an infeasible budget fails before any work."""
     from .arch import target_linears, weight_of
@@ -38,7 +38,7 @@ def budget_plan(model: nn.Module, base: QLRConfig, bits: float, targets=None):
 
     def plan(name: str) -> QLRConfig:
         if name not in cache:
-            cache[name] = fit_to_budget(base, *weight_of(model.get_submodule(name)).shape, bits)
+            cache[name] = fit_to_budget(base, *weight_of(model.get_submodule(name)).shape, bits, mode)
         return cache[name]
 
     for name in target_linears(model, targets):
@@ -49,17 +49,21 @@ def budget_plan(model: nn.Module, base: QLRConfig, bits: float, targets=None):
 def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", config: QLRConfig | CompressConfig | None = None,
              tokenizer=None, budget_bits: float | None = None, output_dir: str | Path | None = None,
              n_samples: int = 32, seq_len: int = 256, seed: int = 0, dense_base: bool = False,
-             progress: bool = True, lazy: bool = False, resume_dir: str | Path | None = None) -> CompressResult:
+             progress: bool = True, lazy: bool = False, resume_dir: str | Path | None = None,
+             budget_fit: str = "below", runner=None) -> CompressResult:
     """Compress every linear in the decoder blocks of ``model`` as Q + L·R.
 
     ``model``: a transformers causal LM or a name for :func:`lqlr.models.load_model`.
     ``calibration``: token ids (n, seq_len), or ``"self"`` (sampled from the model), ``"wikitext2"``
     (validation split), or a path to a text file/folder. ``budget_bits`` fits each matrix's rank
-    (Q + L·R) or BQ (Q only) to that all-in budget. ``output_dir`` exports the result there.
+    (Q + L·R) or BQ (Q only) to that all-in budget (``budget_fit="nearest"``: Q-only methods take the
+    bits and group size nearest to it, see :func:`lqlr.budget.fit_to_budget`). ``output_dir`` exports the result there.
     ``lazy=True`` (``model`` a safetensors folder or hub id) reads each decoder block from the
     checkpoint only when it is compressed, so the dense model never has to fit in memory.
     ``resume_dir`` keeps a checkpoint per finished block there; rerunning the same call after a crash
     resumes and gives identical output (the folder is removed once the export is written).
+    ``runner``: where the matrix decompositions run (:func:`lqlr.runners.make_runner`; default: in
+    this process); a Ray runner gives the same bytes as the local one.
     """
     from .data import calibration_from
     from .export import check_output_dir, save_compressed
@@ -88,20 +92,20 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
         ids = calibration_from(source, model, tokenizer, n_samples, seq_len, seed, path=calibration, progress=progress)
     else:
         ids = calibration
-    source = {"model": str(name), "qlr": ccfg.qlr.to_dict(), "budget_bits": budget_bits,
+    source = {"model": str(name), "qlr": ccfg.qlr.to_dict(), "budget_bits": budget_bits, "budget_fit": budget_fit,
               "hessian_mode": ccfg.hessian_mode, "targets": ccfg.targets}
     if output_dir is not None:
         check_output_dir(output_dir, source)  # before any slow step
-    plan = budget_plan(model, ccfg.qlr, budget_bits, ccfg.targets) if budget_bits is not None else None
+    plan = budget_plan(model, ccfg.qlr, budget_bits, ccfg.targets, budget_fit) if budget_bits is not None else None
     checkpoints = None
     if resume_dir is not None:
         from .checkpoint import BlockCheckpoints, fingerprint
 
         run_id = fingerprint(str(name), ids, ccfg.qlr.to_dict(), ccfg.targets, ccfg.hessian_mode, ccfg.use_hessian,
-                             ccfg.lm_head, budget_bits)
+                             ccfg.lm_head, budget_bits, budget_fit)
         checkpoints = BlockCheckpoints(resume_dir, run_id)
     reports = compress_model(model, ids, ccfg, plan=plan, progress=progress, load_block=load_block,
-                             checkpoints=checkpoints)
+                             checkpoints=checkpoints, runner=runner)
     out = None
     if output_dir is not None:
         out = save_compressed(model, output_dir, source=source, reports=reports, tokenizer=tokenizer, dense_base=dense_base)

@@ -24,7 +24,30 @@ def test_infeasible_budgets_say_so():
     with pytest.raises(InfeasibleBudgetError, match="below"):
         fit_to_budget(QLRConfig(rank=0), 576, 576, 2.0)
     with pytest.raises(InfeasibleBudgetError, match="cannot hold even Q"):
-        fit_to_budget(QLRConfig(bq=3, rank=16), 576, 576, 2.5)
+        fit_to_budget(QLRConfig(bq=3, rank=16), 576, 576, 2.05)  # even 2-bit Q at group 256 is 2.07 bits
+
+
+def test_q_plus_lr_lowers_bq_only_when_q_alone_cannot_fit():
+    assert fit_to_budget(QLRConfig(bq=3, rank=16), 576, 576, 3.5).bq == 3
+    cfg = fit_to_budget(QLRConfig(bq=3, rank=16), 576, 576, 2.5)  # 3-bit Q needs ≥ 3.07 bits
+    assert cfg.bq == 2 and cfg.rank > 0 and bits_per_param(576, 576, cfg) <= 2.5
+
+
+@pytest.mark.parametrize("grid", ["uniform", "nf"])
+@pytest.mark.parametrize("bits", [2.25, 2.5, 3.0, 3.2, 4.0, 4.5])
+def test_nearest_mode_matches_brute_force(grid, bits):
+    from lqlr.budget import Q_ONLY_GROUPS
+
+    cfg = fit_to_budget(QLRConfig(bq=3, rank=0, grid=grid), 576, 1536, bits, mode="nearest")
+    got = bits_per_param(576, 1536, cfg)
+    every = [bits_per_param(576, 1536, QLRConfig(bq=b, rank=0, grid=grid, group_size=g))
+             for b in range(2, (4 if grid == "nf" else 8) + 1) for g in Q_ONLY_GROUPS]
+    assert abs(got - bits) == pytest.approx(min(abs(x - bits) for x in every))
+
+
+def test_unknown_fit_mode_is_an_error():
+    with pytest.raises(ValueError, match="fit mode"):
+        fit_to_budget(QLRConfig(rank=0), 576, 576, 3.0, mode="closest")
 
 
 def test_group_grows_before_giving_up():

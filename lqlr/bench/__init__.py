@@ -2,6 +2,8 @@
 
     lqlr-bench distortion            # full run (see lqlr/bench/distortion.py); several minutes
     lqlr-bench distortion --quick    # a small run for a fresh install (about a minute)
+    lqlr-bench quality               # ppl/KL vs bits against the peers (Hydra multirun sweeps); hours on 2 cores
+    lqlr-bench quality --from-json results/quality.json   # table and plot again from the JSON
 """
 from __future__ import annotations
 
@@ -56,12 +58,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-smollm2", action="store_true", help="leave out SmolLM2-135M")
     p.add_argument("--skip-timing", action="store_true", help="leave out the 4096×4096 timing")
     p.add_argument("--out", default="results", help="output folder (default: results)")
+    q = sub.add_parser("quality", help="perplexity and KL vs all-in bits, lqlr against RTN/NF/GPTQ/HQQ/NF4/LoftQ")
+    q.add_argument("--models", nargs="+", default=["stories260k", "smollm2-135m"], help="model names (configs/model)")
+    q.add_argument("--quick", action="store_true", help="4 methods × 2 budgets")
+    q.add_argument("--work-dir", default="outputs/quality", help="where the sweeps' run folders go")
+    q.add_argument("--collect-only", action="store_true", help="only gather the result.json files under --work-dir")
+    q.add_argument("--from-json", default=None, help="rewrite the table and plot from a quality JSON")
+    q.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run, e.g. eval.max_windows=8")
+    q.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    if args.iters is None:
+    if getattr(args, "iters", 0) is None:
         args.iters = 5 if getattr(args, "quick", False) else 20
     if args.bench == "distortion":
         _distortion(args)
+    elif args.bench == "quality":
+        from .quality import main_args
+
+        main_args(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""`lqlr-bench quality`: perplexity and KL against all-in bits, lqlr against its peers, one harness.
+
+Every point is one ``lqlr-compress`` run with ``experiment=quality`` (WikiText-2 calibration,
+WikiText-2 test evaluation, the budget fitted per method); the benchmark launches them as Hydra
+multirun sweeps (so the cluster launchers apply unchanged), then gathers each run's
+``result.json`` into ``results/quality.json``, a Markdown table and a Pareto plot.
+
+Methods (``configs/method``): ``rtn``, ``nf`` (round-to-nearest, uniform and NormalFloat grids),
+``gptq`` (LDLQ, k = 0), ``hqq`` (the ``hqq`` package), ``bnb_nf4`` (``bitsandbytes``), ``loftq``
+(lqlr's LoftQ preset: peft's ``loftq_init`` computes on CUDA only), and the lqlr presets
+``caldera`` (2-bit Q + rank-32 4-bit factors, T = 20) and ``lqlr`` (Q + L·R with incoherence).
+Q-only methods and peers cannot hit every budget: they run at the setting whose all-in bits are
+nearest to it (``budget.fit=nearest``) and are plotted at their real bits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+
+BUDGETS = (2.25, 2.5, 3.0, 4.0)
+# cheap methods get extra budgets so their curves show their natural settings (e.g. 3- and 4-bit with groups)
+DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 3.5, 4.0, 4.25, 4.5)
+OURS = ("lqlr", "caldera")  # lqlr's presets; the rest are baselines
+LABELS = {
+    "rtn": "RTN (uniform, groups)", "nf": "RTN (NormalFloat grid)", "gptq": "GPTQ/LDLQ (k = 0)",
+    "hqq": "HQQ (hqq package)", "bnb_nf4": "NF4 (bitsandbytes)",
+    "loftq": "LoftQ (lqlr preset: H = I, NF Q, fp16 factors)", "caldera": "lqlr caldera (2-bit Q + L·R, T = 20)",
+    "lqlr": "lqlr (Q + L·R, incoherence)", "reference": "fp32 reference",
+}
+
+
+def sweeps(quick: bool = False) -> list[tuple[tuple[str, ...], tuple[float, ...]]]:
+    """(methods, budgets) of each Hydra multirun of the benchmark."""
+    if quick:
+        return [(("rtn", "gptq", "hqq", "lqlr"), (2.5, 4.0))]
+    return [(("rtn", "nf", "hqq", "gptq"), DENSE_BUDGETS), (("bnb_nf4",), (4.0,)),
+            (("loftq", "caldera", "lqlr"), BUDGETS)]
+
+
+def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ...], sweep_dir: Path,
+                  extra: list[str] | None = None) -> list[str]:
+    """The ``lqlr-compress -m`` command line of one sweep."""
+    return [sys.executable, "-m", "lqlr.cli", "-m", "experiment=quality", f"model={model}", "method=" + ",".join(methods),
+            "budget.bits=" + ",".join(f"{b:g}" for b in budgets), f"hydra.sweep.dir={sweep_dir}", *(extra or [])]
+
+
+def run_sweeps(model: str, work_dir: Path, quick: bool = False, extra: list[str] | None = None) -> None:
+    """Launch every sweep (one subprocess each, so a crash in one run does not lose the others)."""
+    for i, (methods, budgets) in enumerate(sweeps(quick)):
+        cmd = sweep_command(model, methods, budgets, work_dir / f"sweep{i}", extra)
+        print("+ lqlr-compress", " ".join(cmd[3:]), flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+
+
+def record_of(result: dict) -> Record:
+    """One benchmark record from a run's result.json."""
+    keys = ("model", "method", "backend", "budget_bits", "bits_per_param", "q_bits_per_param", "ppl", "ppl_reference",
+            "kl", "size_on_disk_bytes", "size_is", "compress_s", "wall_s", "peak_rss_mb", "eval_seq_len",
+            "eval_tokens", "settings", "mean_h_error", "n_matrices")
+    rec = {k: result.get(k) for k in keys if k in result}
+    rec["backend"] = rec.get("backend") or "lqlr"
+    rec["label"] = LABELS.get(rec["method"], rec["method"])
+    cfg = result.get("config", {}).get("method", {})
+    if rec["backend"] == "lqlr":
+        rec["method_config"] = {k: cfg.get(k) for k in ("bq", "rank", "bl", "br", "group_size", "iters", "grid",
+                                                         "incoherence", "use_hessian", "hessian_mode")}
+    return rec
+
+
+def collect(work_dir: Path) -> list[Record]:
+    """Records of every finished run under ``work_dir`` (plus one fp32 reference per model)."""
+    records = [record_of(json.loads(p.read_text())) for p in sorted(work_dir.rglob("result.json"))]
+    records.sort(key=lambda r: (r["model"], r["method"], r["bits_per_param"]))
+    for model in sorted({r["model"] for r in records}):
+        refs = [r["ppl_reference"] for r in records if r["model"] == model and r.get("ppl_reference")]
+        if refs:
+            records.append(dict(model=model, method="reference", label=LABELS["reference"], backend="none",
+                                bits_per_param=32.0, ppl=refs[0], kl=0.0))
+    return records
+
+
+def losses(records: list[Record]) -> list[dict]:
+    """For each budget: lqlr's best point at ≤ budget bits, and every baseline point at bits ≥ that
+    point's bits with perplexity or KL at least as low (the target says there should be none)."""
+    out = []
+    for model in sorted({r["model"] for r in records}):
+        rows = [r for r in records if r["model"] == model and r.get("ppl") is not None and r["method"] != "reference"]
+        for budget in BUDGETS:
+            ours = [r for r in rows if r["method"] in OURS and r["bits_per_param"] <= budget + 1e-9]
+            if not ours:
+                continue
+            best = min(ours, key=lambda r: r["ppl"])
+            beaten_by = [r for r in rows if r["method"] not in OURS and r["bits_per_param"] >= best["bits_per_param"]
+                         and (r["ppl"] <= best["ppl"] or (r.get("kl") is not None and r["kl"] <= best["kl"]))]
+            out.append(dict(model=model, budget=budget, best=best, beaten_by=beaten_by))
+    return out
+
+
+def markdown(records: list[Record], command: str = "") -> str:
+    """Tables per model (sorted by bits) and the per-budget verdict."""
+    lines = []
+    for model in sorted({r["model"] for r in records}):
+        rows = sorted((r for r in records if r["model"] == model), key=lambda r: (r["bits_per_param"], r["method"]))
+        ctx = next((r.get("eval_seq_len") for r in rows if r.get("eval_seq_len")), None)
+        toks = next((r.get("eval_tokens") for r in rows if r.get("eval_tokens")), None)
+        lines += [f"### {model}: WikiText-2 test, {toks} tokens in windows of {ctx}", "",
+                  "| method | budget | all-in bits | ppl | KL (nats/token) | size on disk (MB) | compress (s) | wall (s) | peak RSS (GB) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            def f(key: str, fmt: str, scale: float = 1.0) -> str:
+                v = r.get(key)
+                return "–" if v is None else format(v * scale, fmt)
+            size = f("size_on_disk_bytes", ".1f", 1e-6) + ("*" if r.get("size_is") else "")
+            lines.append(f"| {r['label']} | {f('budget_bits', 'g')} | {r['bits_per_param']:.3f} | {f('ppl', '.2f')} | "
+                         f"{f('kl', '.3f')} | {size} | {f('compress_s', '.0f')} | {f('wall_s', '.0f')} | "
+                         f"{f('peak_rss_mb', '.2f', 1e-3)} |")
+        lines.append("")
+    lines += ["`*` size computed from the peer's stored bits plus the untouched tensors in 16 bits (no lqlr export).", "",
+              "### Does lqlr's best point beat every baseline at equal or higher bits?", "",
+              "| model | budget | lqlr's best (bits, ppl, KL) | baselines at ≥ its bits with lower or equal ppl or KL |",
+              "|---|---:|---|---|"]
+    for v in losses(records):
+        b = v["best"]
+        who = "; ".join(f"{r['label']} {r['bits_per_param']:.2f} b: ppl {r['ppl']:.2f}, KL {r['kl']:.3f}"
+                        for r in v["beaten_by"]) or "none"
+        lines.append(f"| {v['model']} | {v['budget']:g} | {b['label']} {b['bits_per_param']:.3f} b, ppl {b['ppl']:.2f}, "
+                     f"KL {b['kl']:.3f} | {who} |")
+    if command:
+        lines += ["", f"Produced by `{command}`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[Record], path: Path) -> None:
+    """Perplexity and KL against all-in bits, one line per method, one row of panels per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in records})
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        rows = [r for r in records if r["model"] == model and r["method"] != "reference" and r.get("ppl") is not None]
+        ref = next((r["ppl"] for r in records if r["model"] == model and r["method"] == "reference"), None)
+        for method in sorted({r["method"] for r in rows}):
+            pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bits_per_param"])
+            style = dict(marker="o", lw=2.5) if method in OURS else dict(marker=".", lw=1, ls="--")
+            x = [r["bits_per_param"] for r in pts]
+            row[0].plot(x, [r["ppl"] for r in pts], label=LABELS.get(method, method), **style)
+            row[1].plot(x, [r["kl"] for r in pts], label=LABELS.get(method, method), **style)
+        if ref:
+            row[0].axhline(ref, color="k", lw=0.8, ls=":", label=f"fp32 reference ({ref:.2f})")
+        for ax, name in zip(row, ("WikiText-2 perplexity", "KL to fp32 (nats/token)")):
+            ax.set_yscale("log")
+            ax.set_xlabel("all-in bits per parameter (block linears)")
+            ax.set_title(f"{model}: {name}")
+            ax.grid(alpha=0.3, which="both")
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(records: list[Record], out_dir: Path, name: str, meta: dict) -> None:
+    """results/<name>.json, .md and .png from the records."""
+    from . import _write
+
+    _write(out_dir, name, records, markdown(records, meta.get("command", "")), meta)
+    plot(records, out_dir / f"{name}.png")
+    print(f"wrote {out_dir / (name + '.png')}")
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def main_args(args) -> None:
+    """Entry of ``lqlr-bench quality`` (see lqlr/bench/__init__.py for the flags)."""
+    import platform
+    import time
+
+    out = Path(args.out)
+    name = "quality_quick" if args.quick else "quality"
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        write(data["records"], out, Path(args.from_json).stem, data["meta"])
+        return
+    work = Path(args.work_dir)
+    t0 = time.perf_counter()
+    if not args.collect_only:
+        for model in args.models:
+            run_sweeps(model, work / model, args.quick, args.override)
+    records = collect(work)
+    if not records:
+        sys.exit(f"no result.json under {work}: run without --collect-only first")
+    meta = dict(command="lqlr-bench quality " + " ".join(sys.argv[2:]), models=args.models, quick=args.quick,
+                sweeps=[dict(methods=m, budgets=b) for m, b in sweeps(args.quick)], machine=platform.machine(),
+                cpus=os.cpu_count(), wall_s=time.perf_counter() - t0)
+    write(records, out, name, meta)

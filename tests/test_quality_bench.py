@@ -1,0 +1,75 @@
+"""lqlr-bench quality: the verdict logic, the table/plot from JSON, the sweep configs, a real quick sweep."""
+import json
+from pathlib import Path
+
+import pytest
+
+from lqlr.bench import main as bench_main
+from lqlr.bench.quality import collect, losses, markdown, sweep_command, sweeps
+
+
+def _rec(method, bits, ppl, kl, model="m"):
+    return dict(model=model, method=method, label=method, bits_per_param=bits, ppl=ppl, kl=kl, budget_bits=None)
+
+
+def test_losses_lists_exactly_the_baselines_that_beat_lqlr_at_equal_or_more_bits():
+    recs = [_rec("lqlr", 2.95, 30.0, 0.30), _rec("lqlr", 2.4, 40.0, 0.5),
+            _rec("gptq", 3.07, 29.0, 0.35),   # more bits, lower ppl: a loss
+            _rec("hqq", 3.0, 31.0, 0.25),     # more bits, lower KL: a loss
+            _rec("rtn", 3.3, 35.0, 0.40),     # more bits but worse: fine
+            _rec("nf", 2.9, 20.0, 0.10)]      # fewer bits (would be a loss the other way round, not counted here)
+    v = {x["budget"]: x for x in losses(recs)}
+    assert v[3.0]["best"]["bits_per_param"] == 2.95
+    assert sorted(r["method"] for r in v[3.0]["beaten_by"]) == ["gptq", "hqq"]
+    assert v[2.5]["best"]["ppl"] == 40.0
+    assert {r["method"] for r in v[2.5]["beaten_by"]} == {"gptq", "hqq", "nf", "rtn"}  # all have ≥ 2.4 bits
+    assert 2.25 not in v  # no lqlr point at or below 2.25 bits
+
+
+def test_table_and_plot_are_rebuilt_from_the_json(tmp_path):
+    recs = [_rec("lqlr", 2.95, 30.0, 0.30), _rec("gptq", 3.07, 29.0, 0.35),
+            dict(model="m", method="reference", label="fp32", bits_per_param=32.0, ppl=20.0, kl=0.0)]
+    src = tmp_path / "in" / "quality.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps({"benchmark": "quality", "meta": {"command": "x"}, "records": recs}))
+    bench_main(["quality", "--from-json", str(src), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "| lqlr | – | 2.950 | 30.00 | 0.300 |" in md and "gptq 3.07 b: ppl 29.00" in md
+    assert (tmp_path / "out" / "quality.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_every_sweep_composes(i):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lqlr.cli import MainConf, _config_dir, register_configs
+
+    methods, budgets = sweeps()[i]
+    register_configs()
+    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+        for m in methods:
+            cfg = OmegaConf.to_object(compose(config_name="config", overrides=[
+                "experiment=quality", "model=smollm2-135m", f"method={m}", f"budget.bits={budgets[0]}"]))
+            assert isinstance(cfg, MainConf) and cfg.budget.fit == "nearest" and cfg.data.source == "wikitext2"
+    cmd = sweep_command("smollm2-135m", methods, budgets, Path("d"))
+    assert "-m" in cmd and "method=" + ",".join(methods) in cmd
+
+
+@pytest.mark.slow
+def test_quick_sweep_on_stories260k_end_to_end(tmp_path):
+    bench_main(["quality", "--quick", "--models", "stories260k", "--work-dir", str(tmp_path / "w"),
+                "--out", str(tmp_path / "r"), "--override", "eval.max_windows=2", "data.n_samples=8"])
+    data = json.loads((tmp_path / "r" / "quality_quick.json").read_text())
+    recs = data["records"]
+    assert {r["method"] for r in recs} == {"rtn", "gptq", "hqq", "lqlr", "reference"}
+    runs = [r for r in recs if r["method"] != "reference"]
+    assert len(runs) == 8 and all(r["ppl"] > 0 and r["kl"] >= 0 and r["peak_rss_mb"] > 0 for r in runs)
+    for r in runs:  # Q-only methods and peers land near the budget; lqlr stays at or below it
+        assert abs(r["bits_per_param"] - r["budget_bits"]) < 0.35
+        if r["method"] == "lqlr":
+            assert r["bits_per_param"] <= r["budget_bits"]
+    by = {(r["method"], r["budget_bits"]): r for r in runs}
+    assert by[("gptq", 4.0)]["kl"] < by[("gptq", 2.5)]["kl"]  # more bits, closer to the reference
+    assert (tmp_path / "r" / "quality_quick.png").is_file()
+    assert collect(tmp_path / "w") == recs
