@@ -74,6 +74,18 @@ class ExportConf:
 
 
 @dataclass
+class RayConf:
+    """runner=ray: where the Ray tasks run and what each one reserves (see lqlr.runners.RayRunner)."""
+
+    address: Optional[str] = None  # null: start a local Ray instance | auto: join this machine's cluster | ray://head:10001
+    num_cpus: Optional[int] = None  # CPUs of a local instance (null: all)
+    num_cpus_per_task: Optional[float] = None  # null: = threads
+    num_gpus_per_task: Optional[float] = None  # null: 1 when the cluster has GPUs, else 0
+    max_retries: int = 3  # retries of a task whose worker died
+    pipeline_blocks: Optional[int] = None  # independent Hessians: blocks in flight (null: enough to fill the cluster)
+
+
+@dataclass
 class MainConf:
     model: ModelConf = field(default_factory=ModelConf)
     data: DataConf = field(default_factory=DataConf)
@@ -83,6 +95,9 @@ class MainConf:
     export: ExportConf = field(default_factory=ExportConf)
     output_dir: Optional[str] = None  # null: <hydra run dir>/model
     resume: bool = True  # checkpoint each finished block next to output_dir; a rerun after a crash resumes
+    runner: str = "local"  # local (this process) | ray (one Ray task per matrix; same bytes as local)
+    threads: Optional[int] = None  # intra-op threads per matrix decomposition, both runners (null: torch's default)
+    ray: RayConf = field(default_factory=RayConf)
     seed: int = 0
     progress: bool = True
 
@@ -157,6 +172,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     from .export import UNTOUCHED_DTYPES, check_output_dir, save_compressed
     from .models import load_model
     from .pipeline import compress
+    from .runners import check_runner, make_runner
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -168,11 +184,13 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         raise ValueError(f"export.untouched_dtype={cfg.export.untouched_dtype!r}: choose one of {sorted(UNTOUCHED_DTYPES)}")
     if cfg.budget.bits is not None and cfg.budget.bits <= 0:
         raise ValueError(f"budget.bits={cfg.budget.bits}: must be a positive number of all-in bits per parameter")
+    check_runner(cfg.runner, cfg.threads)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
     source = {"model": cfg.model.name, "method": cfg.method.name, "budget_bits": cfg.budget.bits,
               "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
     check_output_dir(out_dir, source)  # before any slow step: never overwrite a different run's export
     resume_dir = out_dir.with_name(out_dir.name + ".checkpoints") if cfg.resume else None
+    runner = make_runner(cfg.runner, cfg.threads, **(asdict(cfg.ray) if cfg.runner == "ray" else {}))
     if cfg.model.lazy:
         # the dense model is never whole in memory: no data-free calibration, no KL reference
         if cfg.data.source == "self":
@@ -187,7 +205,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         reference = None
         t0 = time.perf_counter()
         res = compress(str(folder), calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits,
-                       progress=cfg.progress, lazy=True, resume_dir=resume_dir)
+                       progress=cfg.progress, lazy=True, resume_dir=resume_dir, runner=runner)
         model = res.model
     else:
         model, tokenizer = load_model(cfg.model.name)
@@ -195,7 +213,8 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         calib = calibration(cfg.data, model, tokenizer, cfg.progress)
         t0 = time.perf_counter()
         res = compress(model, calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits, progress=cfg.progress,
-                       resume_dir=resume_dir)
+                       resume_dir=resume_dir, runner=runner)
+    runner.close()
     reports = res.reports
     compress_s = time.perf_counter() - t0
     save_compressed(model, out_dir, source=source, reports=reports, tokenizer=tokenizer,

@@ -10,8 +10,8 @@ Two ways to get each block's inputs:
 """
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field, replace
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -21,12 +21,10 @@ from tqdm.auto import tqdm
 from .arch import find_blocks, is_conv1d, set_module, target_linears, weight_of
 from .calibration import HessianAccumulator
 from .config import QLRConfig
-from .decompose import decompose
-from .hessian import h_weighted_error
-from .layer import QLRLinear
 
 if TYPE_CHECKING:
     from .checkpoint import BlockCheckpoints
+    from .runners import LocalRunner, MatrixJob, RayRunner
 
 HESSIAN_MODES = ("sequential", "independent")
 
@@ -109,86 +107,117 @@ def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
 def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
                    plan: Callable[[str], QLRConfig] | None = None, progress: bool = True,
                    load_block: Callable[[nn.Module, str], None] | None = None,
-                   checkpoints: "BlockCheckpoints | None" = None) -> list[ModuleReport]:
+                   checkpoints: "BlockCheckpoints | None" = None,
+                   runner: "LocalRunner | RayRunner | None" = None) -> list[ModuleReport]:
     """Replace every target linear of ``model`` (in place) by a QLRLinear; returns one report per matrix.
 
     ``plan(name)`` may give a per-matrix QLRConfig (default: ``cfg.qlr`` for all).
     ``load_block(block, prefix)`` is called before a block is used (lazy, shard-by-shard loading).
     ``checkpoints`` saves each finished block and reloads blocks a killed run already finished.
+    ``runner`` decomposes the matrices (default: :class:`lqlr.runners.LocalRunner`, in this process).
+    Hessians are captured here, block by block; a block's matrices go to the runner together. In
+    ``independent`` mode the next blocks' Hessians are captured while earlier blocks are still being
+    decomposed (up to ``runner.depth`` blocks in flight); blocks are applied and checkpointed in order.
     """
+    from .runners import LocalRunner
+
     if calib_ids.ndim != 2 or calib_ids.shape[1] < 2:
         raise ValueError(f"calibration ids must be (n_samples, seq_len >= 2), got shape {tuple(calib_ids.shape)}")
+    runner = runner if runner is not None else LocalRunner()
     model.eval()
     path, blocks = find_blocks(model)
     targets = target_linears(model, cfg.targets)
     inputs = _block_inputs(model, blocks[0], calib_ids, cfg.batch_size)
-    reports: list[ModuleReport] = []
+    block_reports: dict[int, list[ModuleReport]] = {}
+    pending: deque = deque()  # (block index, prefix, names, runner handle), oldest first
     bar = tqdm(range(len(blocks)), desc="blocks", disable=not progress)
-    for i in bar:
-        block = blocks[i]
-        prefix = f"{path}.{i}."
-        if load_block is not None:
-            load_block(block, prefix)
-        names = [n for n in targets if n.startswith(prefix)]
-        saved = checkpoints.load(i) if checkpoints is not None else None
-        if saved is not None:  # finished by an earlier, interrupted run: reuse it bit for bit
-            modules, saved_reports = saved
-            outputs = _run_block(block, inputs) if cfg.hessian_mode == "independent" else None
-            for n, m in modules.items():
-                set_module(model, n, m)
-                targets.pop(n, None)
-            reports.extend(ModuleReport(**{**r, "shape": tuple(r["shape"])}) for r in saved_reports)
-            if outputs is None:
+
+    def finish(i: int, prefix: str, names: list[str], handle) -> None:
+        results = runner.gather(handle)
+        for n, res in zip(names, results):
+            set_module(model, n, res.module)  # the dense weight goes with the last reference to it
+            bar.set_postfix(matrix=n[len(prefix):], err=f"{res.report.error:.4f}", bits=f"{res.report.bits_per_param:.2f}")
+        block_reports[i] = [res.report for res in results]
+        if checkpoints is not None:
+            checkpoints.save(i, {n: res.module for n, res in zip(names, results)}, [r.report.to_dict() for r in results])
+
+    try:
+        for i in bar:
+            block = blocks[i]
+            prefix = f"{path}.{i}."
+            if load_block is not None:
+                load_block(block, prefix)
+            names = [n for n in targets if n.startswith(prefix)]
+            saved = checkpoints.load(i) if checkpoints is not None else None
+            if saved is not None:  # finished by an earlier, interrupted run: reuse it bit for bit
+                modules, saved_reports = saved
+                outputs = _run_block(block, inputs) if cfg.hessian_mode == "independent" else None
+                for n, m in modules.items():
+                    set_module(model, n, m)
+                    targets.pop(n, None)
+                block_reports[i] = [ModuleReport(**{**r, "shape": tuple(r["shape"])}) for r in saved_reports]
+                if outputs is None:
+                    outputs = _run_block(block, inputs)
+                for entry, out in zip(inputs, outputs):
+                    entry[0] = out
+                continue
+            # H of each target's input: a running mean over every calibration token
+            accs = {n: HessianAccumulator(weight_of(targets[n]).shape[1]) for n in names}
+            hooks = [targets[n].register_forward_pre_hook(lambda m, a, n=n: accs[n].add_batch(a[0])) for n in names]
+            try:
                 outputs = _run_block(block, inputs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            jobs = [_job(n, targets.pop(n), accs.pop(n), plan(n) if plan else cfg.qlr, cfg.use_hessian) for n in names]
+            pending.append((i, prefix, names, runner.submit(jobs)))
+            del jobs
+            depth = runner.depth(len(names)) if cfg.hessian_mode == "independent" else 0
+            while len(pending) > depth:
+                finish(*pending.popleft())
+            if names and cfg.hessian_mode == "sequential":
+                outputs = _run_block(block, inputs)  # the next block sees this block's compressed outputs
             for entry, out in zip(inputs, outputs):
                 entry[0] = out
-            continue
-        # H of each target's input: a running mean over every calibration token
-        accs = {n: HessianAccumulator(weight_of(targets[n]).shape[1]) for n in names}
-        hooks = [targets[n].register_forward_pre_hook(lambda m, a, n=n: accs[n].add_batch(a[0])) for n in names]
-        try:
-            outputs = _run_block(block, inputs)
-        finally:
-            for h in hooks:
-                h.remove()
-        for n in names:
-            report = _compress_one(model, n, targets.pop(n), accs[n], plan(n) if plan else cfg.qlr, cfg.use_hessian)
-            reports.append(report)
-            bar.set_postfix(matrix=n[len(prefix):], err=f"{report.error:.4f}", bits=f"{report.bits_per_param:.2f}")
-        if checkpoints is not None:
-            checkpoints.save(i, {n: model.get_submodule(n) for n in names}, [r.to_dict() for r in reports[-len(names):]] if names else [])
-        if names and cfg.hessian_mode == "sequential":
-            outputs = _run_block(block, inputs)  # the next block sees this block's compressed outputs
-        for entry, out in zip(inputs, outputs):
-            entry[0] = out
+        while pending:
+            finish(*pending.popleft())
+    except Exception:
+        if checkpoints is not None:  # keep every block in flight whose matrices all finished
+            while pending:
+                try:
+                    finish(*pending.popleft())
+                except Exception:
+                    pass
+        raise
+    reports = [r for i in sorted(block_reports) for r in block_reports[i]]
     if cfg.lm_head:
-        reports.append(_compress_lm_head(model, calib_ids, cfg, plan))
+        reports.append(_compress_lm_head(model, calib_ids, cfg, plan, runner))
     return reports
 
 
-def _compress_one(model: nn.Module, name: str, module: nn.Module, acc: HessianAccumulator, qcfg: QLRConfig,
-                  use_hessian: bool) -> ModuleReport:
-    """Decompose one linear under its captured H and swap in its QLRLinear."""
-    W = weight_of(module)
-    H = acc.hessian()
-    if qcfg.rank > min(W.shape):  # a uniform rank larger than a small matrix: use its full rank
-        qcfg = replace(qcfg, rank=min(W.shape))
-    t0 = time.perf_counter()
-    d = decompose(W, H if use_hessian else None, qcfg)  # min tr((Q + LR − W) H (Q + LR − W)ᵀ)
-    seconds = time.perf_counter() - t0
-    error = d.error if use_hessian else h_weighted_error(d.weight() - W, H) / (h_weighted_error(W, H) or 1.0)
-    kind = "conv1d" if is_conv1d(module) else "linear"
+def _job(name: str, module: nn.Module, acc: HessianAccumulator, qcfg: QLRConfig, use_hessian: bool) -> "MatrixJob":
+    """Everything the decomposition of one linear needs (see :func:`lqlr.runners.run_job`)."""
+    from .runners import MatrixJob
+
     bias = getattr(module, "bias", None)
-    qlr = QLRLinear.from_decomposition(d, bias.detach() if bias is not None else None)
-    qlr.spec["layout"] = kind  # how the dense export stores W
-    set_module(model, name, qlr)  # the dense weight goes with the last reference to ``module``
-    return ModuleReport(name=name, shape=tuple(W.shape), kind=kind, bits_per_param=d.bits_per_param,
-                        q_bits_per_param=d.breakdown.q_bits_per_param, error=error, rank=d.rank,
-                        time_s=seconds, n_tokens=acc.n_tokens)
+    return MatrixJob(name=name, W=weight_of(module), H=acc.hessian(), qcfg=qcfg, use_hessian=use_hessian,
+                     bias=bias.detach() if bias is not None else None,
+                     kind="conv1d" if is_conv1d(module) else "linear", n_tokens=acc.n_tokens)
+
+
+def _compress_one(model: nn.Module, name: str, module: nn.Module, acc: HessianAccumulator, qcfg: QLRConfig,
+                  use_hessian: bool, runner: "LocalRunner | RayRunner | None" = None) -> ModuleReport:
+    """Decompose one linear under its captured H and swap in its QLRLinear."""
+    from .runners import LocalRunner
+
+    runner = runner if runner is not None else LocalRunner()
+    (res,) = runner.gather(runner.submit([_job(name, module, acc, qcfg, use_hessian)]))
+    set_module(model, name, res.module)  # the dense weight goes with the last reference to ``module``
+    return res.report
 
 
 def _compress_lm_head(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
-                      plan: Callable[[str], QLRConfig] | None) -> ModuleReport:
+                      plan: Callable[[str], QLRConfig] | None, runner=None) -> ModuleReport:
     """Compress the output projection under the H of the (already compressed) model's final hidden states."""
     head = model.get_output_embeddings()
     name = next(n for n, m in model.named_modules() if m is head)
@@ -204,7 +233,7 @@ def _compress_lm_head(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCo
                 model(batch.to(device), use_cache=False)
     finally:
         hook.remove()
-    return _compress_one(model, name, head, acc, plan(name) if plan else cfg.qlr, cfg.use_hessian)
+    return _compress_one(model, name, head, acc, plan(name) if plan else cfg.qlr, cfg.use_hessian, runner)
 
 
 def summary_table(reports: list[ModuleReport]) -> str:
