@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 
 from .config import QLRConfig
+from .memory import peak_rss_mb, reset_peak_rss
 
 log = logging.getLogger("lqlr")
 
@@ -50,6 +51,7 @@ class MethodConf(QLRConfig):
     """A QLRConfig (validated the same way) plus how the pipeline uses it."""
 
     name: str = "caldera"
+    backend: str = "lqlr"  # lqlr | hqq | bnb (peers run through their own packages; bq/group_size pick their setting)
     use_hessian: bool = True  # false: decompose under H = I (RTN, LoftQ)
     hessian_mode: str = "sequential"  # sequential (GPTQ) | independent (CALDERA)
 
@@ -57,6 +59,7 @@ class MethodConf(QLRConfig):
 @dataclass
 class BudgetConf:
     bits: Optional[float] = None  # all-in bits/param per matrix; null: use the method's own bq/rank
+    fit: str = "below"  # below: all-in bits <= budget | nearest: Q-only methods and peers take the setting nearest to it
 
 
 @dataclass
@@ -79,7 +82,7 @@ class RayConf:
 
     address: Optional[str] = None  # null: start a local Ray instance | auto: join this machine's cluster | ray://head:10001
     num_cpus: Optional[int] = None  # CPUs of a local instance (null: all)
-    num_cpus_per_task: Optional[float] = None  # null: = threads
+    num_cpus_per_task: Optional[float] = None  # null: = threads (1 for a GPU task)
     num_gpus_per_task: Optional[float] = None  # null: 1 when the cluster has GPUs, else 0
     max_retries: int = 3  # retries of a task whose worker died
     pipeline_blocks: Optional[int] = None  # independent Hessians: blocks in flight (null: enough to fill the cluster)
@@ -165,8 +168,6 @@ def evaluate_model(model, reference, tokenizer, cfg: EvalConf, progress: bool) -
 
 def run(cfg: MainConf, run_dir: Path) -> dict:
     """The whole job: load, calibrate, compress, export, evaluate; returns the result record."""
-    import resource
-
     from .compress import CompressConfig, summary_table
     from .eval import size_on_disk
     from .export import UNTOUCHED_DTYPES, check_output_dir, save_compressed
@@ -175,6 +176,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     from .runners import check_runner, make_runner
 
     t_start = time.perf_counter()
+    reset_peak_rss()  # each run of an in-process multirun reports its own peak
     torch.manual_seed(cfg.seed)
     # validate the whole config before any slow step
     ccfg = CompressConfig(qlr=qlr_config(cfg.method, cfg.seed), targets=cfg.model.targets,
@@ -185,9 +187,13 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     if cfg.budget.bits is not None and cfg.budget.bits <= 0:
         raise ValueError(f"budget.bits={cfg.budget.bits}: must be a positive number of all-in bits per parameter")
     check_runner(cfg.runner, cfg.threads)
+    if cfg.budget.fit not in ("below", "nearest"):
+        raise ValueError(f"budget.fit={cfg.budget.fit!r}: choose below or nearest")
+    if cfg.method.backend != "lqlr":
+        return run_peer(cfg, run_dir, t_start)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
     source = {"model": cfg.model.name, "method": cfg.method.name, "budget_bits": cfg.budget.bits,
-              "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
+              "budget_fit": cfg.budget.fit, "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
     check_output_dir(out_dir, source)  # before any slow step: never overwrite a different run's export
     resume_dir = out_dir.with_name(out_dir.name + ".checkpoints") if cfg.resume else None
     runner = make_runner(cfg.runner, cfg.threads, **(asdict(cfg.ray) if cfg.runner == "ray" else {}))
@@ -205,7 +211,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         reference = None
         t0 = time.perf_counter()
         res = compress(str(folder), calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits,
-                       progress=cfg.progress, lazy=True, resume_dir=resume_dir, runner=runner)
+                       progress=cfg.progress, lazy=True, resume_dir=resume_dir, runner=runner, budget_fit=cfg.budget.fit)
         model = res.model
     else:
         model, tokenizer = load_model(cfg.model.name)
@@ -213,7 +219,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         calib = calibration(cfg.data, model, tokenizer, cfg.progress)
         t0 = time.perf_counter()
         res = compress(model, calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits, progress=cfg.progress,
-                       resume_dir=resume_dir, runner=runner)
+                       resume_dir=resume_dir, runner=runner, budget_fit=cfg.budget.fit)
     runner.close()
     reports = res.reports
     compress_s = time.perf_counter() - t0
@@ -237,10 +243,54 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     if cfg.eval.enabled:
         result.update(evaluate_model(model, reference, tokenizer, cfg.eval, cfg.progress))
     result["wall_s"] = time.perf_counter() - t_start
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     result["config"] = asdict(cfg)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     print(summary_table(reports) if len(reports) <= 40 else summary_table(reports).splitlines()[-1])
+    print(format_result(result))
+    return result
+
+
+def run_peer(cfg: MainConf, run_dir: Path, t_start: float) -> dict:
+    """A baseline through its own package (method.backend=hqq|bnb): quantize the target linears in
+    place with the peer, evaluate, write result.json. No lqlr export: the size is the peer's stored
+    bits plus the untouched tensors in 16 bits."""
+    from .arch import target_linears
+    from .models import load_model
+    from .peers import PEERS, quantize_with_peer
+
+    if cfg.method.backend not in PEERS:
+        raise ValueError(f"method.backend={cfg.method.backend!r}: choose lqlr or one of {PEERS}")
+    if cfg.model.lazy:
+        raise ValueError(f"method.backend={cfg.method.backend} quantizes a model in memory: set model.lazy=false")
+    model, tokenizer = load_model(cfg.model.name)
+    reference = copy.deepcopy(model) if cfg.eval.enabled else None
+    default = ({"bits": cfg.method.bq, "group_size": cfg.method.group_size} if cfg.method.backend == "hqq"
+               else {"double_quant": True})
+    t0 = time.perf_counter()
+    records = quantize_with_peer(model, cfg.method.backend, cfg.model.targets, cfg.budget.bits, default,
+                                 cfg.budget.fit, cfg.progress)
+    compress_s = time.perf_counter() - t0
+    n = sum(r["shape"][0] * r["shape"][1] for r in records)
+    stored = sum(r["stored_bits"] for r in records)
+    compressed = {id(m.weight) for m in target_linears(model, cfg.model.targets).values()}
+    untouched = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in compressed)
+    result: dict[str, Any] = {
+        "model": cfg.model.name, "method": cfg.method.name, "backend": cfg.method.backend,
+        "budget_bits": cfg.budget.bits, "bits_per_param": stored / n, "q_bits_per_param": stored / n,
+        "bits_counted": f"all-in as {cfg.method.backend} stores them (codes + per-group/block metadata)",
+        "compressed_params": n, "n_matrices": len(records),
+        "settings": sorted({json.dumps(r["options"], sort_keys=True) for r in records}),
+        "mean_rel_frobenius_error": sum(r["rel_error"] for r in records) / len(records),
+        "size_on_disk_bytes": (stored + 16 * untouched) // 8, "size_is": "computed: peer bits + untouched in 16 bits",
+        "compress_s": compress_s, "output_dir": None, "calibration": None,
+    }
+    if cfg.eval.enabled:
+        result.update(evaluate_model(model, reference, tokenizer, cfg.eval, cfg.progress))
+    result["wall_s"] = time.perf_counter() - t_start
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["config"] = asdict(cfg)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     print(format_result(result))
     return result
 
@@ -295,8 +345,22 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
     def _app(dcfg) -> None:
+        from hydra.types import RunMode
+
+        from .budget import InfeasibleBudgetError
+
         cfg: MainConf = OmegaConf.to_object(dcfg)
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            run(cfg, run_dir)
+        except InfeasibleBudgetError as err:
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                raise
+            # one point of a sweep that no setting of the method can reach: record it, go on with the others
+            log.error("%s", err)
+            (run_dir / "result.json").write_text(json.dumps(
+                {"model": cfg.model.name, "method": cfg.method.name, "budget_bits": cfg.budget.bits,
+                 "infeasible": str(err), "config": asdict(cfg)}, indent=1))
 
     _app()
 

@@ -8,7 +8,8 @@ multirun sweeps (so the cluster launchers apply unchanged), then gathers each ru
 Methods (``configs/method``): ``rtn``, ``nf`` (round-to-nearest, uniform and NormalFloat grids),
 ``gptq`` (LDLQ, k = 0), ``hqq`` (the ``hqq`` package), ``bnb_nf4`` (``bitsandbytes``), ``loftq``
 (lqlr's LoftQ preset: peft's ``loftq_init`` computes on CUDA only), and the lqlr presets
-``caldera`` (2-bit Q + rank-32 4-bit factors, T = 20) and ``lqlr`` (Q + L·R with incoherence).
+``caldera`` (2-bit Q + rank-32 4-bit factors, T = 20), ``lqlr`` (Q + L·R with incoherence) and
+``lqlr_q`` (k = 0 with incoherence).
 Q-only methods and peers cannot hit every budget: they run at the setting whose all-in bits are
 nearest to it (``budget.fit=nearest``) and are plotted at their real bits.
 """
@@ -26,13 +27,13 @@ Record = dict[str, Any]
 
 BUDGETS = (2.25, 2.5, 3.0, 4.0)
 # cheap methods get extra budgets so their curves show their natural settings (e.g. 3- and 4-bit with groups)
-DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 3.5, 4.0, 4.25, 4.5)
-OURS = ("lqlr", "caldera")  # lqlr's presets; the rest are baselines
+DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.0, 4.25)
+OURS = ("lqlr", "lqlr_q", "caldera")  # lqlr's presets; the rest are baselines
 LABELS = {
     "rtn": "RTN (uniform, groups)", "nf": "RTN (NormalFloat grid)", "gptq": "GPTQ/LDLQ (k = 0)",
     "hqq": "HQQ (hqq package)", "bnb_nf4": "NF4 (bitsandbytes)",
     "loftq": "LoftQ (lqlr preset: H = I, NF Q, fp16 factors)", "caldera": "lqlr caldera (2-bit Q + L·R, T = 20)",
-    "lqlr": "lqlr (Q + L·R, incoherence)", "reference": "fp32 reference",
+    "lqlr": "lqlr (Q + L·R, incoherence)", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
 }
 
 
@@ -40,8 +41,8 @@ def sweeps(quick: bool = False) -> list[tuple[tuple[str, ...], tuple[float, ...]
     """(methods, budgets) of each Hydra multirun of the benchmark."""
     if quick:
         return [(("rtn", "gptq", "hqq", "lqlr"), (2.5, 4.0))]
-    return [(("rtn", "nf", "hqq", "gptq"), DENSE_BUDGETS), (("bnb_nf4",), (4.0,)),
-            (("loftq", "caldera", "lqlr"), BUDGETS)]
+    return [(("lqlr", "lqlr_q", "caldera", "loftq"), BUDGETS), (("gptq", "rtn", "nf", "hqq"), DENSE_BUDGETS),
+            (("bnb_nf4",), (4.0,))]
 
 
 def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ...], sweep_dir: Path,
@@ -76,7 +77,8 @@ def record_of(result: dict) -> Record:
 
 def collect(work_dir: Path) -> list[Record]:
     """Records of every finished run under ``work_dir`` (plus one fp32 reference per model)."""
-    records = [record_of(json.loads(p.read_text())) for p in sorted(work_dir.rglob("result.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(work_dir.rglob("result.json"))]
+    records = [record_of(r) for r in results if "infeasible" not in r]
     records.sort(key=lambda r: (r["model"], r["method"], r["bits_per_param"]))
     for model in sorted({r["model"] for r in records}):
         refs = [r["ppl_reference"] for r in records if r["model"] == model and r.get("ppl_reference")]
