@@ -192,7 +192,6 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
         entry = {"spec": m.spec, "shape": [m.out_features, m.in_features], "bias": m.bias is not None}
         entry.update({k: v for k, v in report_by_name.get(name, {}).items() if k not in ("name", "time_s")})
         modules[name] = entry
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
     params = sum(m.out_features * m.in_features for m in qlr.values())
     bits = sum(modules[n].get("bits_per_param", 0) * m.out_features * m.in_features for n, m in qlr.items())
     manifest = {
@@ -200,10 +199,16 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
         "untouched_dtype": untouched_dtype,
         "summary": {"compressed_params": params, "bits_per_param": bits / params if params else None,
                     "n_modules": len(qlr)},
-        "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
     }
-    _write_json(out / MANIFEST, manifest)
+    write_manifest(out, manifest)
     return out
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Fill ``manifest["files"]`` with the sha256 of every file under ``out`` and write it, atomically, last."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+    manifest["files"] = {str(p.relative_to(out)): sha256_file(p) for p in files}
+    _write_json(out / MANIFEST, manifest)
 
 
 def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
@@ -232,16 +237,22 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict[str, Any
 
 
 def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, device: str | torch.device = "cpu",
-         adapter: str | os.PathLike | None = None):
+         adapter: str | os.PathLike | None = None, kernel: str = "auto"):
     """Load an export as a transformers model whose compressed linears are QLRLinear modules.
 
     ``peft=True`` returns a ``PeftModel`` instead: Q-only QLRLinear bases (kept packed and frozen)
     with the trainable LoRA adapter L, R from ``adapter/`` (or from ``adapter``, e.g. a fine-tuned
-    one). ``verify`` checks every file's sha256.
+    one). ``verify`` checks every file's sha256. ``kernel`` picks how the compressed linears
+    compute (:mod:`lqlr.kernels`): ``"auto"`` (the compiled packed kernel where it is available,
+    else ``"reference"``), ``"packed"``, ``"reference"``, or ``"dense-fp32"``/``"dense-fp16"``/
+    ``"dense-bf16"`` (dequantize once, trading memory for speed).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .kernels import check_kernel, set_kernel
     from .layer import QLRLinear
+
+    check_kernel(kernel)
 
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
@@ -266,6 +277,7 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
         raise IntegrityError(f"{root / BASE_FILE} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.to(device).eval()
     if not peft:
+        set_kernel(model, kernel)
         return model
     from peft import PeftModel
 
@@ -275,7 +287,9 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
         m = model.get_submodule(name)
         if m.rank > 0:
             set_module(model, name, m.without_factors())
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    set_kernel(peft_model, kernel)
+    return peft_model
 
 
 def check_adapter(adapter: Path, manifest: dict[str, Any]) -> None:

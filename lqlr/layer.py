@@ -8,6 +8,10 @@ transiently inside ``forward`` (issue: fused kernels are future work).
 It subclasses ``nn.Linear`` so that stock PEFT wraps it as a LoRA base layer; ``weight`` is a
 read-only property, so PEFT operations that write the base weight (merge) are refused — merge
 into the dense export instead.
+
+How forward computes is the layer's ``kernel`` (see :mod:`lqlr.kernels`): ``"reference"`` (the
+default here, pure torch, dequantizes on each call), ``"packed"`` (compiled kernel on the packed
+codes) or ``"dense-*"`` (weight dequantized once); ``lqlr.load`` sets it.
 """
 from __future__ import annotations
 
@@ -62,6 +66,9 @@ class QLRLinear(nn.Linear):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self._dense_cache: torch.Tensor | None = None
+        self.kernel = "reference"  # concrete kernel in use (lqlr.kernels)
+        self._kernel_request = "reference"  # what was asked for ("auto" is resolved per device)
+        self._fast = None  # the kernel's forward function; rebuilt lazily after .to() / load_packed
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
@@ -95,6 +102,7 @@ class QLRLinear(nn.Linear):
                 raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(buf.shape)}")
             buf.copy_(t.to(buf.dtype))
         self._dense_cache = None
+        self._fast = None
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors (packed codes, fp16 scales/factors), as written to disk."""
@@ -172,12 +180,44 @@ class QLRLinear(nn.Linear):
             mod.bias = self.bias
         return mod
 
+    # ----- kernels ------------------------------------------------------------------------
+    def set_kernel(self, kind: str = "auto") -> None:
+        """Compute forward with kernel ``kind`` (see :mod:`lqlr.kernels`); builds it now."""
+        from .kernels import make_fast, resolve
+
+        self.kernel = resolve(kind, self)
+        self._kernel_request = kind
+        self._fast = make_fast(self, self.kernel)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._fast = None  # buffers may have moved: rebuild on the next forward
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_fast"] = None  # compiled plans are not copyable; rebuilt on the next forward
+        return state
+
     # ----- compute ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "reference" and self._dense_cache is None and not (
+                torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            if self._fast is None:
+                self.set_kernel(self._kernel_request)
+            if self._fast is not None:
+                return self._fast(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pure-torch forward: dequantize Q' (and L', R') now, then dense products."""
         rot = self.incoherence
         xr = rot.V.apply(x) if rot else x  # x Vᵀ
-        Q = self._dense_cache if self._dense_cache is not None else self.stored_q()
-        y = F.linear(xr, Q.to(x.dtype))  # x' Q'ᵀ
+        if self._dense_cache is None and torch.is_grad_enabled() and xr.requires_grad:
+            y = _PackedMatmul.apply(xr, self)  # x' Q'ᵀ; backward re-dequantizes, the dense Q' is not kept
+        else:
+            Q = self._dense_cache if self._dense_cache is not None else self.stored_q()
+            y = F.linear(xr, Q.to(x.dtype))  # x' Q'ᵀ
         if self.rank > 0:
             L, R = self.stored_factors()
             y = y + F.linear(F.linear(xr, R.to(x.dtype)), L.to(x.dtype))  # (x' R'ᵀ) L'ᵀ
@@ -195,6 +235,22 @@ class QLRLinear(nn.Linear):
         if self.spec.get("rotation"):
             s += ", incoherence"
         return s + f", bias={self.bias is not None}"
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """y = x Q'ᵀ with Q' dequantized from the packed buffers in forward and again in backward, so
+    autograd saves only a reference to the module (packed codes), never a dense (out, in) Q'
+    (QLoRA-style). Q' is frozen: only the input gets a gradient, ∂x = ∂y Q'."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "QLRLinear") -> torch.Tensor:
+        ctx.module = module
+        return F.linear(x, module.stored_q().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        Q = ctx.module.stored_q().to(grad_y.dtype)  # (out, in)
+        return grad_y @ Q, None
 
 
 def _tensors(prefix: str, qt: QuantizedTensor | None, dense: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -1,0 +1,184 @@
+"""Fine-tune an lqlr export's L, R (a LoRA adapter) on the frozen, packed Q base.
+
+    python experiments/finetune.py path=out/s3 train.steps=200              # -> out/s3.finetuned/adapter
+    python experiments/finetune.py path=out/s3 merge=true requantize=true   # + merged/ and requantized/
+
+Config: configs/finetune.yaml. Trains on WikiText-2 validation (random windows), evaluates
+WikiText-2 test perplexity before and after, and writes ``<output_dir>/finetune.json`` (losses,
+perplexities, peak RSS of the training loop, times) next to the stock PEFT ``adapter/``.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lqlr.finetune import FinetuneConfig
+
+log = logging.getLogger("lqlr.finetune")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConf:
+    source: str = "wikitext2"  # wikitext2 (validation split) | text (path: a file or folder of .txt)
+    path: Optional[str] = None
+
+
+@dataclass
+class EvalConf:
+    enabled: bool = True
+    seq_len: Optional[int] = None  # null: min(context, 2048)
+    max_windows: Optional[int] = 4
+    batch_size: int = 1
+
+
+@dataclass
+class AppConf:
+    path: str = "???"
+    output_dir: str = "${path}.finetuned"
+    init: str = "export"
+    base: str = "packed"
+    lora_like: Optional[str] = None
+    rank: Optional[int] = None
+    train: FinetuneConfig = field(default_factory=FinetuneConfig)
+    data: DataConf = field(default_factory=DataConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    merge: bool = False
+    requantize: bool = False
+    progress: bool = True
+
+
+def reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS counter of this process (Linux); returns the current RSS in MB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mb("VmRSS")
+    except OSError:
+        return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS since the last reset (VmHWM), or since the start where it cannot be reset."""
+    hwm = _status_mb("VmHWM")
+    return hwm if not math.isnan(hwm) else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mb(key: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _text(cfg: DataConf) -> str:
+    from lqlr.data import text_from_path, wikitext2_text
+
+    if cfg.source == "wikitext2":
+        return wikitext2_text("validation")
+    if cfg.source == "text":
+        if not cfg.path:
+            raise ValueError("data.source=text needs data.path=<file or folder of .txt files>")
+        return text_from_path(cfg.path)
+    raise ValueError(f"data.source={cfg.source!r}: choose wikitext2 or text")
+
+
+def _test_windows(model, tokenizer, cfg: EvalConf) -> torch.Tensor:
+    from lqlr.data import wikitext2_text
+    from lqlr.eval import eval_windows
+
+    conf = model.config
+    ctx = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", 2048)
+    ids = torch.tensor(tokenizer(wikitext2_text("test"), add_special_tokens=False, verbose=False)["input_ids"])
+    return eval_windows(ids, cfg.seq_len or min(ctx, 2048), cfg.max_windows)
+
+
+def run(cfg: AppConf) -> dict[str, Any]:
+    """Prepare, evaluate, train, save, reload-check, evaluate; optional merge and requantize."""
+    from transformers import AutoTokenizer
+
+    from lqlr.data import calibration_ids
+    from lqlr.eval import perplexity
+    from lqlr.export import load, read_manifest
+    from lqlr.finetune import merge_adapter, prepare, requantize_adapter, train
+
+    t_start = time.perf_counter()
+    tcfg = cfg.train
+    path, out = Path(cfg.path), Path(cfg.output_dir)
+    manifest = read_manifest(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = prepare(path, cfg.init, cfg.base, cfg.lora_like, cfg.rank, seed=tcfg.seed)
+    windows = calibration_ids(tokenizer, _text(cfg.data), tcfg.steps * tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+    record: dict[str, Any] = {"path": str(path), "init": cfg.init, "base": cfg.base, "source_model": manifest["source"]["model"],
+                              "bits_per_param": manifest["summary"]["bits_per_param"], "train_tokens": windows.numel()}
+    test = _test_windows(model, tokenizer, cfg.eval) if cfg.eval.enabled else None
+    if test is not None:
+        record["eval_tokens"] = test.numel()
+        record["ppl_before"] = perplexity(model, test, cfg.eval.batch_size, cfg.progress)
+        log.info("WikiText-2 test ppl before: %.3f", record["ppl_before"])
+    gc.collect()
+    record["rss_before_train_mb"] = reset_peak_rss()
+    res = train(model, windows, tcfg, progress=cfg.progress)
+    record["peak_rss_train_mb"] = peak_rss_mb()
+    record.update(res.to_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = out / "adapter"
+    model.save_pretrained(adapter)
+    if cfg.base == "packed":  # the saved adapter must reload to the very same logits
+        probe = windows[:2, :64]
+        with torch.no_grad():
+            mine = model(probe).logits
+            again = load(path, peft=True, verify=False, adapter=adapter)(probe).logits
+        record["reload_max_abs_diff"] = float((mine - again).abs().max())
+    if test is not None:
+        record["ppl_after"] = perplexity(model, test, cfg.eval.batch_size, cfg.progress)
+        log.info("WikiText-2 test ppl after: %.3f", record["ppl_after"])
+    del model
+    gc.collect()
+    if cfg.merge:
+        record["merged"] = str(merge_adapter(path, adapter, out / "merged"))
+    if cfg.requantize:
+        info = {"steps": tcfg.steps, "init": cfg.init, "train_tokens": windows.numel()}
+        record["requantize"] = requantize_adapter(path, adapter, out / "requantized", info=info)
+        if test is not None:
+            record["ppl_requantized"] = perplexity(load(out / "requantized", verify=False), test, cfg.eval.batch_size,
+                                                   cfg.progress)
+            log.info("WikiText-2 test ppl after requantizing L, R: %.3f", record["ppl_requantized"])
+    record["wall_s"] = time.perf_counter() - t_start
+    record["config"] = asdict(cfg)
+    (out / "finetune.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="finetune_schema", node=AppConf)
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="finetune")
+    def _app(dcfg) -> None:
+        cfg: AppConf = OmegaConf.to_object(dcfg)
+        record = run(cfg)
+        keys = ("ppl_before", "ppl_after", "ppl_requantized", "train_s", "peak_rss_train_mb", "reload_max_abs_diff")
+        print(json.dumps({k: record[k] for k in keys if k in record}, indent=1))
+        print(f"adapter: {Path(cfg.output_dir) / 'adapter'}")
+
+    _app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
