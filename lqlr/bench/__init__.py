@@ -47,6 +47,24 @@ def _distortion(args: argparse.Namespace) -> None:
     _write(Path(args.out), name, records, D.markdown(records), meta)
 
 
+def _inference(args: argparse.Namespace) -> None:
+    from . import inference as I
+
+    t0 = time.perf_counter()
+    models = ("stories260k",) if args.quick else tuple(args.models)
+    records = I.run(models, tuple(args.bits), Path(args.work_dir), new_tokens=args.new_tokens,
+                    prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
+                    reference=not args.skip_reference)
+    from ..kernels import extension
+
+    ext = extension()
+    meta = dict(command="lqlr-bench inference " + " ".join(sys.argv[2:]), torch=torch.__version__,
+                threads=records[0]["threads"] if records else None, machine=platform.machine(),
+                processor=platform.processor(), extension=getattr(ext, "simd", None), wall_s=time.perf_counter() - t0)
+    name = "inference_quick" if args.quick else "inference"
+    _write(Path(args.out), name, records, I.markdown(records), meta)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lqlr-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,12 +84,27 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--from-json", default=None, help="rewrite the table and plot from a quality JSON")
     q.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run, e.g. eval.max_windows=8")
     q.add_argument("--out", default="results", help="output folder (default: results)")
+    p = sub.add_parser("inference", help="decode/prefill tokens/s, memory and load time: fp32 vs packed vs dense vs PEFT")
+    p.add_argument("--models", nargs="+", default=["stories260k", "smollm2-135m"], help="models to measure")
+    p.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 4.0], choices=[2.5, 3.0, 4.0],
+                   help="all-in bit budgets of the packed exports")
+    p.add_argument("--new-tokens", type=int, default=64, help="greedy decode length")
+    p.add_argument("--prompt-len", type=int, default=512, help="prefill prompt length")
+    p.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--skip-reference", action="store_true", help="leave out the (slow) pure-torch reference path")
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "lqlr" / "bench-inference"),
+                   help="where the fp32 copies and compressed exports are made once and reused")
+    p.add_argument("--quick", action="store_true", help="stories260K only")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if getattr(args, "iters", 0) is None:
         args.iters = 5 if getattr(args, "quick", False) else 20
     if args.bench == "distortion":
         _distortion(args)
+    elif args.bench == "inference":
+        _inference(args)
     elif args.bench == "quality":
         from .quality import main_args
 
