@@ -57,9 +57,23 @@ class MethodConf(QLRConfig):
 
 
 @dataclass
+class MenuConf:
+    """budget.mode=auto: the options of every matrix (the product of these lists; BL = BR = factor_bits)."""
+
+    bq: list[int] = field(default_factory=lambda: [2, 3, 4])
+    rank: list[int] = field(default_factory=lambda: [0, 16, 64])
+    group_size: list[int] = field(default_factory=lambda: [64])
+    factor_bits: list[int] = field(default_factory=lambda: [4])
+    iters: int = 1  # outer iterations used to estimate each option's cost
+
+
+@dataclass
 class BudgetConf:
-    bits: Optional[float] = None  # all-in bits/param per matrix; null: use the method's own bq/rank
+    bits: Optional[float] = None  # all-in bits/param; null: use the method's own bq/rank
+    mode: str = "uniform"  # uniform: every matrix fitted to bits | auto: the global allocator (MILP) over menu
     fit: str = "below"  # below: all-in bits <= budget | nearest: Q-only methods and peers take the setting nearest to it
+    overrides: list[Any] = field(default_factory=list)  # ordered rules {match: glob or "re:regex", bq: 3, rank: 64, ...}
+    menu: MenuConf = field(default_factory=MenuConf)
 
 
 @dataclass
@@ -191,9 +205,18 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         raise ValueError(f"budget.fit={cfg.budget.fit!r}: choose below or nearest")
     if cfg.method.backend != "lqlr":
         return run_peer(cfg, run_dir, t_start)
+    from .allocate import Menu
+
+    budget_kwargs = dict(budget_fit=cfg.budget.fit, budget_mode=cfg.budget.mode, overrides=cfg.budget.overrides or None,
+                         menu=Menu(**asdict(cfg.budget.menu)) if cfg.budget.mode == "auto" else None)
+    if cfg.budget.mode not in ("uniform", "auto"):
+        raise ValueError(f"budget.mode={cfg.budget.mode!r}: choose uniform or auto")
+    if cfg.budget.mode == "auto" and cfg.budget.bits is None:
+        raise ValueError("budget=auto needs budget.bits: the all-in bits/param the allocator must stay within")
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
     source = {"model": cfg.model.name, "method": cfg.method.name, "budget_bits": cfg.budget.bits,
-              "budget_fit": cfg.budget.fit, "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
+              "budget_fit": cfg.budget.fit, "budget_mode": cfg.budget.mode, "overrides": cfg.budget.overrides,
+              "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
     check_output_dir(out_dir, source)  # before any slow step: never overwrite a different run's export
     resume_dir = out_dir.with_name(out_dir.name + ".checkpoints") if cfg.resume else None
     runner = make_runner(cfg.runner, cfg.threads, **(asdict(cfg.ray) if cfg.runner == "ray" else {}))
@@ -211,7 +234,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         reference = None
         t0 = time.perf_counter()
         res = compress(str(folder), calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits,
-                       progress=cfg.progress, lazy=True, resume_dir=resume_dir, runner=runner, budget_fit=cfg.budget.fit)
+                       progress=cfg.progress, lazy=True, resume_dir=resume_dir, runner=runner, **budget_kwargs)
         model = res.model
     else:
         model, tokenizer = load_model(cfg.model.name)
@@ -219,7 +242,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         calib = calibration(cfg.data, model, tokenizer, cfg.progress)
         t0 = time.perf_counter()
         res = compress(model, calib, ccfg, tokenizer=tokenizer, budget_bits=cfg.budget.bits, progress=cfg.progress,
-                       resume_dir=resume_dir, runner=runner, budget_fit=cfg.budget.fit)
+                       resume_dir=resume_dir, runner=runner, **budget_kwargs)
     runner.close()
     reports = res.reports
     compress_s = time.perf_counter() - t0
@@ -238,7 +261,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         "compressed_params": n, "n_matrices": len(reports),
         "mean_h_error": sum(r.error for r in reports) / len(reports),
         "size_on_disk_bytes": size_on_disk(out_dir), "compress_s": compress_s, "output_dir": str(out_dir),
-        "calibration": cfg.data.source, "hessian_mode": cfg.method.hessian_mode,
+        "calibration": cfg.data.source, "hessian_mode": cfg.method.hessian_mode, "budget_mode": cfg.budget.mode,
     }
     if cfg.eval.enabled:
         result.update(evaluate_model(model, reference, tokenizer, cfg.eval, cfg.progress))

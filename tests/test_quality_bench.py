@@ -38,20 +38,22 @@ def test_table_and_plot_are_rebuilt_from_the_json(tmp_path):
     assert (tmp_path / "out" / "quality.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("i", range(3))
+@pytest.mark.parametrize("i", range(4))
 def test_every_sweep_composes(i):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from lqlr.cli import MainConf, _config_dir, register_configs
 
-    methods, budgets = sweeps()[i]
+    methods, budgets, *extra = sweeps()[i]
     register_configs()
     with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
         for m in methods:
             cfg = OmegaConf.to_object(compose(config_name="config", overrides=[
-                "experiment=quality", "model=smollm2-135m", f"method={m}", f"budget.bits={budgets[0]}"]))
+                "experiment=quality", "model=smollm2-135m", f"method={m}", f"budget.bits={budgets[0]}",
+                *(extra[0] if extra else [])]))
             assert isinstance(cfg, MainConf) and cfg.budget.fit == "nearest" and cfg.data.source == "wikitext2"
+            assert cfg.budget.mode == ("auto" if extra else "uniform") and cfg.budget.bits == budgets[0]
     cmd = sweep_command("smollm2-135m", methods, budgets, Path("d"))
     assert "-m" in cmd and "method=" + ",".join(methods) in cmd
 

@@ -28,21 +28,22 @@ Record = dict[str, Any]
 BUDGETS = (2.25, 2.5, 3.0, 4.0)
 # cheap methods get extra budgets so their curves show their natural settings (e.g. 3- and 4-bit with groups)
 DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.0, 4.25)
-OURS = ("lqlr", "lqlr_q", "caldera")  # lqlr's presets; the rest are baselines
+OURS = ("lqlr", "lqlr-auto", "lqlr_q", "caldera")  # lqlr's presets; the rest are baselines
 LABELS = {
     "rtn": "RTN (uniform, groups)", "nf": "RTN (NormalFloat grid)", "gptq": "GPTQ/LDLQ (k = 0)",
     "hqq": "HQQ (hqq package)", "bnb_nf4": "NF4 (bitsandbytes)",
     "loftq": "LoftQ (lqlr preset: H = I, NF Q, fp16 factors)", "caldera": "lqlr caldera (2-bit Q + L·R, T = 20)",
-    "lqlr": "lqlr (Q + L·R, incoherence)", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
+    "lqlr": "lqlr (Q + L·R, incoherence)", "lqlr-auto": "lqlr, allocator (budget=auto)", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
 }
 
 
-def sweeps(quick: bool = False) -> list[tuple[tuple[str, ...], tuple[float, ...]]]:
-    """(methods, budgets) of each Hydra multirun of the benchmark."""
+def sweeps(quick: bool = False) -> list[tuple]:
+    """(methods, budgets[, extra overrides]) of each Hydra multirun of the benchmark; the last one runs
+    lqlr's global allocator (budget=auto) at the same budgets."""
     if quick:
         return [(("rtn", "gptq", "hqq", "lqlr"), (2.5, 4.0))]
     return [(("lqlr", "lqlr_q", "caldera", "loftq"), BUDGETS), (("gptq", "rtn", "nf", "hqq"), DENSE_BUDGETS),
-            (("bnb_nf4",), (4.0,))]
+            (("bnb_nf4",), (4.0,)), (("lqlr",), BUDGETS, ["budget=auto"])]
 
 
 def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ...], sweep_dir: Path,
@@ -52,10 +53,13 @@ def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ..
             "budget.bits=" + ",".join(f"{b:g}" for b in budgets), f"hydra.sweep.dir={sweep_dir}", *(extra or [])]
 
 
-def run_sweeps(model: str, work_dir: Path, quick: bool = False, extra: list[str] | None = None) -> None:
-    """Launch every sweep (one subprocess each, so a crash in one run does not lose the others)."""
-    for i, (methods, budgets) in enumerate(sweeps(quick)):
-        cmd = sweep_command(model, methods, budgets, work_dir / f"sweep{i}", extra)
+def run_sweeps(model: str, work_dir: Path, quick: bool = False, extra: list[str] | None = None,
+               only: list[int] | None = None) -> None:
+    """Launch the sweeps (``only``: their indices), one subprocess each, so a crash in one does not lose the others."""
+    for i, (methods, budgets, *more) in enumerate(sweeps(quick)):
+        if only is not None and i not in only:
+            continue
+        cmd = sweep_command(model, methods, budgets, work_dir / f"sweep{i}", [*(more[0] if more else []), *(extra or [])])
         print("+ lqlr-compress", " ".join(cmd[3:]), flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
 
@@ -67,6 +71,8 @@ def record_of(result: dict) -> Record:
             "eval_tokens", "settings", "mean_h_error", "n_matrices")
     rec = {k: result.get(k) for k in keys if k in result}
     rec["backend"] = rec.get("backend") or "lqlr"
+    if result.get("budget_mode") == "auto":
+        rec["method"] += "-auto"
     rec["label"] = LABELS.get(rec["method"], rec["method"])
     cfg = result.get("config", {}).get("method", {})
     if rec["backend"] == "lqlr":
@@ -198,11 +204,11 @@ def main_args(args) -> None:
     t0 = time.perf_counter()
     if not args.collect_only:
         for model in args.models:
-            run_sweeps(model, work / model, args.quick, args.override)
+            run_sweeps(model, work / model, args.quick, args.override, args.sweeps)
     records = collect(work)
     if not records:
         sys.exit(f"no result.json under {work}: run without --collect-only first")
     meta = dict(command="lqlr-bench quality " + " ".join(sys.argv[2:]), models=args.models, quick=args.quick,
-                sweeps=[dict(methods=m, budgets=b) for m, b in sweeps(args.quick)], machine=platform.machine(),
+                sweeps=[dict(methods=m, budgets=b, overrides=(x[0] if x else [])) for m, b, *x in sweeps(args.quick)], machine=platform.machine(),
                 cpus=os.cpu_count(), wall_s=time.perf_counter() - t0)
     write(records, out, name, meta)

@@ -1,0 +1,183 @@
+"""Global bit allocation: one (BQ, rank, group, factor bits) per matrix under one all-in budget.
+
+DESIGN §4. Three steps:
+
+1. ``output_sensitivity``: s_r = mean over calibration tokens of (∂loss/∂y_r)², the diagonal
+   Fisher of each target linear's output y. A weight error E changes y by E x, so the loss moves
+   by about Σ_r s_r (E H Eᵀ)_rr (gradient and input treated as independent) — comparable across
+   matrices, unlike the relative H-error.
+2. ``cost_table``: for every matrix and every option of the menu, decompose W under its H (from
+   the uncompressed model, ``iters`` outer iterations: a cheap estimate) and record
+   cost = Σ_r s_r (E H Eᵀ)_rr and the exact all-in bits.
+3. ``lqlr.budget.allocate``: the multiple-choice knapsack (scipy MILP) picks one option per
+   matrix minimising Σ cost with Σ params·bits ≤ budget·Σ params, so the exported model's all-in
+   bits are within the budget by construction.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import target_linears, weight_of
+from .bits import bits_per_param
+from .calibration import HessianAccumulator
+from .config import QLRConfig
+
+
+@dataclass
+class Menu:
+    """The options each matrix may take: the product of these lists (BL = BR = ``factor_bits``);
+    rank-0 options ignore the factor bits. ``iters``: outer iterations used to estimate each cost."""
+
+    bq: list[int] = field(default_factory=lambda: [2, 3, 4])
+    rank: list[int] = field(default_factory=lambda: [0, 16, 64])
+    group_size: list[int] = field(default_factory=lambda: [64])
+    factor_bits: list[int] = field(default_factory=lambda: [4])
+    iters: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("bq", "rank", "group_size", "factor_bits"):
+            if not getattr(self, name):
+                raise ValueError(f"budget.menu.{name} is empty: give at least one value")
+        if self.iters < 1:
+            raise ValueError(f"budget.menu.iters={self.iters}: need at least one outer iteration")
+
+    def options(self, base: QLRConfig, out_features: int, in_features: int) -> list[QLRConfig]:
+        """Distinct valid configurations for an (out × in) matrix, built on ``base`` (grids, incoherence…)."""
+        seen, out = set(), []
+        for bq, k, g, fb in itertools.product(self.bq, self.rank, self.group_size, self.factor_bits):
+            k = min(k, out_features, in_features)
+            key = (bq, k, g, fb if k else None)
+            if key in seen or (base.grid == "nf" and bq > 4):
+                continue
+            seen.add(key)
+            out.append(replace(base, bq=bq, rank=k, group_size=g, bl=fb, br=fb, iters=self.iters if k else 1))
+        return out
+
+
+def capture_target_hessians(model: nn.Module, ids: torch.Tensor, names: Iterable[str], batch_size: int = 8,
+                            progress: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
+    """H = X Xᵀ / tokens of every named target's input, from one pass of the (uncompressed) model."""
+    mods = {n: model.get_submodule(n) for n in names}
+    accs = {n: HessianAccumulator(weight_of(m).shape[1]) for n, m in mods.items()}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: accs[n].add_batch(a[0])) for n, m in mods.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in tqdm(ids.split(batch_size), desc="Hessians", disable=not progress):
+                model(batch.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (a.hessian(), a.n_tokens) for n, a in accs.items()}
+
+
+def output_sensitivity(model: nn.Module, ids: torch.Tensor, names: Iterable[str], batch_size: int = 4,
+                       progress: bool = True) -> dict[str, torch.Tensor]:
+    """s (out,) per target: mean over tokens of (∂ loss / ∂ y_r)² with loss the summed next-token
+    cross-entropy of the calibration sequences (the diagonal empirical Fisher of the layer output)."""
+    mods = {n: model.get_submodule(n) for n in names}
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+
+    def hook(n):
+        def fn(_m, _gin, gout):
+            g = gout[0].detach().to(torch.float64)  # (batch, seq, out)
+            s = g.pow(2).reshape(-1, g.shape[-1]).sum(0)
+            sums[n] = sums[n] + s if n in sums else s
+        return fn
+
+    was_training = model.training
+    model.eval()
+    req = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = [m.register_full_backward_hook(hook(n)) for n, m in mods.items()]
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(ids.split(batch_size), desc="sensitivity", disable=not progress):
+            batch = batch.to(device)
+            emb = model.get_input_embeddings()(batch).detach().requires_grad_(True)  # gradients flow without weight grads
+            logits = model(inputs_embeds=emb, use_cache=False).logits[:, :-1].float()
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                               reduction="sum")
+            loss.backward()
+            count += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+    return {n: (s / count).to(torch.float32) for n, s in sums.items()}
+
+
+def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, s: torch.Tensor) -> float:
+    """Σ_r s_r (E H Eᵀ)_rr with E = W − Ŵ: the first-order loss change of a weight error."""
+    E = (W - W_hat).to(torch.float64)  # (out, in)
+    return float(((E @ H.to(torch.float64)) * E).sum(1) @ s.to(torch.float64))
+
+
+@dataclass
+class CostTable:
+    """Per matrix: its options, their estimated costs and all-in bits."""
+
+    names: list[str]
+    params: list[int]
+    options: list[list[QLRConfig]]
+    costs: list[list[float]]
+    bits: list[list[float]]
+
+
+def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]], sensitivity: dict[str, torch.Tensor],
+               menu: Menu, base: QLRConfig, fixed: dict[str, QLRConfig] | None = None,
+               progress: bool = True, use_hessian: bool = True) -> CostTable:
+    """Decompose every matrix with every menu option (``fixed``: matrices with one given option).
+    ``use_hessian=False`` decomposes under H = I (the cost is still measured under the real H)."""
+    from .decompose import decompose
+
+    fixed = fixed or {}
+    names = list(hessians)
+    table = CostTable(names=names, params=[], options=[], costs=[], bits=[])
+    work = sum(1 if n in fixed else len(menu.options(base, *weight_of(model.get_submodule(n)).shape)) for n in names)
+    bar = tqdm(total=work, desc="cost table", disable=not progress)
+    for n in names:
+        W = weight_of(model.get_submodule(n)).detach().to(torch.float32)  # (out, in)
+        H = hessians[n][0]
+        opts = [fixed[n]] if n in fixed else menu.options(base, *W.shape)
+        costs = []
+        for cfg in opts:
+            costs.append(weighted_error(W, decompose(W, H if use_hessian else None, cfg).weight(), H, sensitivity[n]))
+            bar.update(1)
+        table.params.append(W.numel())
+        table.options.append(opts)
+        table.costs.append(costs)
+        table.bits.append([bits_per_param(*W.shape, c) for c in opts])
+    bar.close()
+    return table
+
+
+def allocate_plan(table: CostTable, budget: float, iters: int) -> dict[str, QLRConfig]:
+    """One option per matrix from the MILP, with the method's outer iterations restored for the final run."""
+    from .budget import allocate
+
+    choice = allocate(table.costs, table.bits, table.params, budget)
+    return {n: replace(opts[j], iters=iters if opts[j].rank else 1)
+            for n, opts, j in zip(table.names, table.options, choice)}
+
+
+def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: float, menu: Menu | None = None,
+              targets=None, fixed: dict[str, QLRConfig] | None = None, progress: bool = True,
+              use_hessian: bool = True) -> tuple[dict[str, QLRConfig], CostTable]:
+    """The allocator end to end on an uncompressed model: Hessians, sensitivities, cost table, MILP."""
+    menu = menu or Menu()
+    names = list(target_linears(model, targets))
+    hessians = capture_target_hessians(model, ids, names, progress=progress)
+    sens = output_sensitivity(model, ids, names, progress=progress)
+    table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian)
+    return allocate_plan(table, budget, base.iters), table

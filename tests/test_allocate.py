@@ -1,0 +1,127 @@
+"""Per-matrix plans: override rules, the output sensitivities, the cost table and the allocator end to end."""
+import itertools
+
+import pytest
+import torch
+
+from lqlr.allocate import Menu, auto_plan, output_sensitivity, weighted_error
+from lqlr.arch import target_linears
+from lqlr.bits import bits_per_param
+from lqlr.config import QLRConfig
+from lqlr.pipeline import budget_plan
+from lqlr.plan import plan_table, resolve_overrides
+
+
+def _tiny(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)).eval()
+
+
+NAMES = [f"model.layers.{i}.{m}" for i in range(2) for m in
+         ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")]
+
+
+def test_first_matching_rule_wins_glob_and_regex():
+    rules = [{"match": "model.layers.0.*", "bq": 4}, {"match": "re:.*down_proj", "rank": 8}, {"match": "*", "bq": 2}]
+    got = resolve_overrides(NAMES, rules, QLRConfig(bq=3, rank=0))
+    assert got["model.layers.0.mlp.down_proj"][0] == 0 and got["model.layers.0.mlp.down_proj"][1].bq == 4
+    assert got["model.layers.1.mlp.down_proj"][0] == 1 and got["model.layers.1.mlp.down_proj"][1].rank == 8
+    assert got["model.layers.1.self_attn.q_proj"] == (2, QLRConfig(bq=2, rank=0))
+
+
+@pytest.mark.parametrize("rules, match", [
+    ([{"match": "model.layers.7.*", "bq": 4}], "match no target"),
+    ([{"match": "*", "bq": 4}, {"match": "*.q_proj", "rank": 4}], "match no target"),  # shadowed by the first rule
+    ([{"match": "*", "bits": 4}], "unknown field"),
+    ([{"bq": 4}], "needs a 'match'"),
+    ([{"match": "re:([", "bq": 4}], "not a valid regex"),
+    ([{"match": "*", "bq": 9}], "bq=9"),
+])
+def test_bad_rules_are_one_line_errors(rules, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_overrides(NAMES, rules, QLRConfig())
+
+
+def test_weighted_error_matches_its_definition():
+    torch.manual_seed(0)
+    W, W_hat = torch.randn(5, 7), torch.randn(5, 7)
+    X = torch.randn(7, 50)
+    H = X @ X.T / 50
+    s = torch.rand(5)
+    E = W - W_hat
+    by_tokens = sum(float(s[r]) * float((E[r] @ X[:, t]) ** 2) for r in range(5) for t in range(50)) / 50
+    assert weighted_error(W, W_hat, H, s) == pytest.approx(by_tokens, rel=1e-5)
+
+
+def test_output_sensitivity_equals_autograd_of_the_layer_output():
+    model = _tiny()
+    ids = torch.randint(0, 97, (3, 16))
+    name = "model.layers.1.mlp.down_proj"
+    s = output_sensitivity(model, ids, [name], batch_size=2, progress=False)[name]
+    # second implementation: keep the layer output, differentiate the summed loss with respect to it
+    outs = []
+    h = model.get_submodule(name).register_forward_hook(lambda m, a, y: outs.append(y))
+    logits = model(ids, use_cache=False).logits[:, :-1]
+    h.remove()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), ids[:, 1:].reshape(-1), reduction="sum")
+    (g,) = torch.autograd.grad(loss, outs[0])
+    ref = g.pow(2).reshape(-1, g.shape[-1]).sum(0) / ids.numel()
+    assert torch.allclose(s, ref, rtol=1e-4, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())  # no weight gradients left behind
+
+
+def test_allocator_stays_in_budget_and_beats_every_uniform_menu_plan():
+    model = _tiny()
+    ids = torch.randint(0, 97, (4, 32))
+    menu = Menu(bq=[2, 3, 4], rank=[0, 8], group_size=[32])
+    budget = 3.0
+    plan, table = auto_plan(model, ids, QLRConfig(group_size=32), budget, menu, progress=False)
+    n = sum(table.params)
+    chosen = [opts.index(next(o for o in opts if (o.bq, o.rank) == (plan[nm].bq, plan[nm].rank)))
+              for nm, opts in zip(table.names, table.options)]
+    spent = sum(table.bits[i][j] * table.params[i] for i, j in enumerate(chosen)) / n
+    cost = sum(table.costs[i][j] for i, j in enumerate(chosen))
+    assert spent <= budget + 1e-9
+    # every plan giving all matrices the same menu entry and fitting the budget costs at least as much
+    for j in range(len(table.options[0])):
+        same = [min(j, len(o) - 1) for o in table.options]
+        if sum(table.bits[i][k] * table.params[i] for i, k in enumerate(same)) / n <= budget:
+            assert cost <= sum(table.costs[i][k] for i, k in enumerate(same)) * (1 + 1e-9)
+    assert len({(c.bq, c.rank) for c in plan.values()}) > 1  # a mixed plan: the point of allocating
+
+
+def test_mixed_plan_bits_are_counted_exactly_in_the_export(tmp_path):
+    from lqlr.compress import CompressConfig, compress_model
+    from lqlr.export import read_manifest, save_compressed
+
+    model = _tiny()
+    rules = [{"match": "*.mlp.down_proj", "bq": 4, "rank": 8, "bl": 3, "br": 3},
+             {"match": "re:.*layers\\.0\\..*", "bq": 2, "group_size": 32}]
+    base = QLRConfig(bq=3, rank=0, group_size=64, iters=1)
+    plan = budget_plan(model, base, None, overrides=rules)
+    reports = compress_model(model, torch.randint(0, 97, (2, 32)), CompressConfig(qlr=base), plan=plan, progress=False)
+    save_compressed(model, tmp_path / "m", source={"model": "tiny"}, reports=reports)
+    man = read_manifest(tmp_path / "m")
+    shapes = {n: tuple(m["shape"]) for n, m in man["modules"].items()}
+    expect = {n: bits_per_param(*shapes[n], plan.configs[n]) for n in shapes}
+    for n, m in man["modules"].items():
+        assert m["bits_per_param"] == pytest.approx(expect[n])
+        assert (m["spec"]["q"]["bits"], m["spec"]["rank"]) == (plan.configs[n].bq, plan.configs[n].rank)
+    total = sum(expect[n] * shapes[n][0] * shapes[n][1] for n in shapes) / sum(a * b for a, b in shapes.values())
+    assert man["summary"]["bits_per_param"] == pytest.approx(total)
+    assert plan.source["model.layers.0.mlp.down_proj"] == "rule 0" and plan.source["model.layers.1.self_attn.q_proj"] == "method"
+    assert "total" in plan_table(plan.configs, shapes, plan.source)
+
+
+def test_uniform_budget_with_overrides_fits_only_the_others():
+    model = _tiny()
+    plan = budget_plan(model, QLRConfig(bq=2, rank=0), 3.4, overrides=[{"match": "*.k_proj", "bq": 8}])
+    for n in target_linears(model):
+        cfg = plan(n)
+        if n.endswith("k_proj"):
+            assert cfg.bq == 8
+        else:
+            assert bits_per_param(*model.get_submodule(n).weight.shape, cfg) <= 3.4 and cfg.bq == 3
