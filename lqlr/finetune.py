@@ -87,6 +87,20 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def set_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute each decoder block in backward (non-reentrant), or stop doing so; transformers 4 and 5."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        if enabled:
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            base.activation_checkpointing_disable()
+    elif enabled:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
+
+
 def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
           on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> TrainResult:
     """Minimise the next-token loss of ``model`` on ``windows`` (n, seq_len), ``cfg.batch_size`` rows per
@@ -105,7 +119,7 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
     torch.manual_seed(cfg.seed)
     device = params[0].device
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     result = TrainResult(trainable_params=sum(p.numel() for p in params))
@@ -134,7 +148,7 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
     result.train_s = time.perf_counter() - t0
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_checkpointing(model, False)
     model.eval()
     return result
 

@@ -106,6 +106,21 @@ def test_training_moves_only_the_adapter_and_lowers_the_loss(export, trained):
     assert res.losses[-1] < res.losses[0]
 
 
+def test_gradient_checkpointing_gives_the_same_training(export):
+    def checkpointing(model):
+        base = model.get_base_model()
+        flag = getattr(base, "is_activation_checkpointing", None)  # transformers 5; 4: is_gradient_checkpointing
+        return base.is_gradient_checkpointing if flag is None else flag
+
+    cfg = dict(steps=3, batch_size=2, seq_len=32, lr=5e-3, warmup_steps=0)
+    plain = train(prepare(export), _windows(6), FinetuneConfig(**cfg), progress=False)
+    model, seen = prepare(export), []
+    ckpt = train(model, _windows(6), FinetuneConfig(**cfg, gradient_checkpointing=True),
+                 on_step=lambda step, loss: seen.append(checkpointing(model)), progress=False)
+    assert seen == [True] * 3 and not checkpointing(model)  # on while training, off again after
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
 def test_saved_adapter_reloads_to_identical_logits(export, trained):
     model, adapter, _ = trained
     probe = _windows(2, 40, seed=3)
