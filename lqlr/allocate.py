@@ -29,6 +29,9 @@ from .calibration import HessianAccumulator
 from .config import QLRConfig
 
 
+PRIORS = ("none", "intrinsic_dimension")
+
+
 @dataclass
 class Menu:
     """The options each matrix may take: the product of these lists (BL = BR = ``factor_bits``);
@@ -136,20 +139,28 @@ class CostTable:
 
 def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]], sensitivity: dict[str, torch.Tensor],
                menu: Menu, base: QLRConfig, fixed: dict[str, QLRConfig] | None = None,
-               progress: bool = True, use_hessian: bool = True) -> CostTable:
+               progress: bool = True, use_hessian: bool = True, ceilings: dict[str, int] | None = None) -> CostTable:
     """Decompose every matrix with every menu option (``fixed``: matrices with one given option).
-    ``use_hessian=False`` decomposes under H = I (the cost is still measured under the real H)."""
+    ``use_hessian=False`` decomposes under H = I (the cost is still measured under the real H).
+    ``ceilings``: the largest rank offered to each matrix (a prior, see lqlr.diagnostics.rank_ceilings)."""
     from .decompose import decompose
 
     fixed = fixed or {}
+    ceilings = ceilings or {}
     names = list(hessians)
+
+    def options(n: str, shape) -> list[QLRConfig]:
+        if n in fixed:
+            return [fixed[n]]
+        return [o for o in menu.options(base, *shape) if o.rank <= ceilings.get(n, o.rank)]
+
     table = CostTable(names=names, params=[], options=[], costs=[], bits=[])
-    work = sum(1 if n in fixed else len(menu.options(base, *weight_of(model.get_submodule(n)).shape)) for n in names)
+    work = sum(len(options(n, weight_of(model.get_submodule(n)).shape)) for n in names)
     bar = tqdm(total=work, desc="cost table", disable=not progress)
     for n in names:
         W = weight_of(model.get_submodule(n)).detach().to(torch.float32)  # (out, in)
         H = hessians[n][0]
-        opts = [fixed[n]] if n in fixed else menu.options(base, *W.shape)
+        opts = options(n, W.shape)
         costs = []
         for cfg in opts:
             costs.append(weighted_error(W, decompose(W, H if use_hessian else None, cfg).weight(), H, sensitivity[n]))
@@ -173,11 +184,19 @@ def allocate_plan(table: CostTable, budget: float, iters: int) -> dict[str, QLRC
 
 def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: float, menu: Menu | None = None,
               targets=None, fixed: dict[str, QLRConfig] | None = None, progress: bool = True,
-              use_hessian: bool = True) -> tuple[dict[str, QLRConfig], CostTable]:
-    """The allocator end to end on an uncompressed model: Hessians, sensitivities, cost table, MILP."""
+              use_hessian: bool = True, prior: str = "none") -> tuple[dict[str, QLRConfig], CostTable]:
+    """The allocator end to end on an uncompressed model: Hessians, sensitivities, cost table, MILP.
+    ``prior="intrinsic_dimension"`` offers each matrix only ranks ≤ 2 × its block's TwoNN dimension."""
+    if prior not in PRIORS:
+        raise ValueError(f"budget.prior={prior!r}: choose one of {PRIORS}")
     menu = menu or Menu()
     names = list(target_linears(model, targets))
+    ceilings = None
+    if prior == "intrinsic_dimension":
+        from .diagnostics import rank_ceilings
+
+        ceilings = rank_ceilings(model, ids, names)
     hessians = capture_target_hessians(model, ids, names, progress=progress)
     sens = output_sensitivity(model, ids, names, progress=progress)
-    table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian)
+    table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian, ceilings)
     return allocate_plan(table, budget, base.iters), table

@@ -71,6 +71,7 @@ class MenuConf:
 class BudgetConf:
     bits: Optional[float] = None  # all-in bits/param; null: use the method's own bq/rank
     mode: str = "uniform"  # uniform: every matrix fitted to bits | auto: the global allocator (MILP) over menu
+    prior: str = "none"  # auto: none | intrinsic_dimension (ranks ≤ 2 × the block's TwoNN dimension)
     fit: str = "below"  # below: all-in bits <= budget | nearest: Q-only methods and peers take the setting nearest to it
     overrides: list[Any] = field(default_factory=list)  # ordered rules {match: glob or "re:regex", bq: 3, rank: 64, ...}
     menu: MenuConf = field(default_factory=MenuConf)
@@ -208,7 +209,8 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     from .allocate import Menu
 
     budget_kwargs = dict(budget_fit=cfg.budget.fit, budget_mode=cfg.budget.mode, overrides=cfg.budget.overrides or None,
-                         menu=Menu(**asdict(cfg.budget.menu)) if cfg.budget.mode == "auto" else None)
+                         menu=Menu(**asdict(cfg.budget.menu)) if cfg.budget.mode == "auto" else None,
+                         prior=cfg.budget.prior)
     if cfg.budget.mode not in ("uniform", "auto"):
         raise ValueError(f"budget.mode={cfg.budget.mode!r}: choose uniform or auto")
     if cfg.budget.mode == "auto" and cfg.budget.bits is None:
@@ -216,7 +218,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
     source = {"model": cfg.model.name, "method": cfg.method.name, "budget_bits": cfg.budget.bits,
               "budget_fit": cfg.budget.fit, "budget_mode": cfg.budget.mode, "overrides": cfg.budget.overrides,
-              "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
+              "budget_prior": cfg.budget.prior, "calibration": asdict(cfg.data), "method_config": asdict(cfg.method)}
     check_output_dir(out_dir, source)  # before any slow step: never overwrite a different run's export
     resume_dir = out_dir.with_name(out_dir.name + ".checkpoints") if cfg.resume else None
     runner = make_runner(cfg.runner, cfg.threads, **(asdict(cfg.ray) if cfg.runner == "ray" else {}))
