@@ -264,6 +264,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         "mean_h_error": sum(r.error for r in reports) / len(reports),
         "size_on_disk_bytes": size_on_disk(out_dir), "compress_s": compress_s, "output_dir": str(out_dir),
         "calibration": cfg.data.source, "hessian_mode": cfg.method.hessian_mode, "budget_mode": cfg.budget.mode,
+        "budget_prior": cfg.budget.prior,
     }
     if cfg.eval.enabled:
         result.update(evaluate_model(model, reference, tokenizer, cfg.eval, cfg.progress))

@@ -38,7 +38,7 @@ def test_table_and_plot_are_rebuilt_from_the_json(tmp_path):
     assert (tmp_path / "out" / "quality.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("i", range(5))
 def test_every_sweep_composes(i):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf

@@ -28,12 +28,13 @@ Record = dict[str, Any]
 BUDGETS = (2.25, 2.5, 3.0, 4.0)
 # cheap methods get extra budgets so their curves show their natural settings (e.g. 3- and 4-bit with groups)
 DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.0, 4.25)
-OURS = ("lqlr", "lqlr-auto", "lqlr_q", "caldera")  # lqlr's presets; the rest are baselines
+OURS = ("lqlr", "lqlr-auto", "lqlr-auto-id", "lqlr_q", "caldera")  # lqlr's presets; the rest are baselines
 LABELS = {
     "rtn": "RTN (uniform, groups)", "nf": "RTN (NormalFloat grid)", "gptq": "GPTQ/LDLQ (k = 0)",
     "hqq": "HQQ (hqq package)", "bnb_nf4": "NF4 (bitsandbytes)",
     "loftq": "LoftQ (lqlr preset: H = I, NF Q, fp16 factors)", "caldera": "lqlr caldera (2-bit Q + L·R, T = 20)",
-    "lqlr": "lqlr (Q + L·R, incoherence)", "lqlr-auto": "lqlr, allocator (budget=auto)", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
+    "lqlr": "lqlr (Q + L·R, incoherence)", "lqlr-auto": "lqlr, allocator (budget=auto)",
+    "lqlr-auto-id": "lqlr, allocator + TwoNN rank prior", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
 }
 
 
@@ -43,7 +44,8 @@ def sweeps(quick: bool = False) -> list[tuple]:
     if quick:
         return [(("rtn", "gptq", "hqq", "lqlr"), (2.5, 4.0))]
     return [(("lqlr", "lqlr_q", "caldera", "loftq"), BUDGETS), (("gptq", "rtn", "nf", "hqq"), DENSE_BUDGETS),
-            (("bnb_nf4",), (4.0,)), (("lqlr",), BUDGETS, ["budget=auto"])]
+            (("bnb_nf4",), (4.0,)), (("lqlr",), BUDGETS, ["budget=auto"]),
+            (("lqlr",), (2.5, 3.0), ["budget=auto", "budget.prior=intrinsic_dimension"])]
 
 
 def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ...], sweep_dir: Path,
@@ -72,7 +74,7 @@ def record_of(result: dict) -> Record:
     rec = {k: result.get(k) for k in keys if k in result}
     rec["backend"] = rec.get("backend") or "lqlr"
     if result.get("budget_mode") == "auto":
-        rec["method"] += "-auto"
+        rec["method"] += "-auto" + ("-id" if result.get("budget_prior", "none") != "none" else "")
     rec["label"] = LABELS.get(rec["method"], rec["method"])
     cfg = result.get("config", {}).get("method", {})
     if rec["backend"] == "lqlr":
