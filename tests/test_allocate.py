@@ -125,3 +125,25 @@ def test_uniform_budget_with_overrides_fits_only_the_others():
             assert cfg.bq == 8
         else:
             assert bits_per_param(*model.get_submodule(n).weight.shape, cfg) <= 3.4 and cfg.bq == 3
+
+
+def test_readme_override_example_composes_and_resolves():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lqlr.cli import _config_dir, qlr_config, register_configs
+
+    line = next(ln for ln in (Path(__file__).parents[1] / "README.md").read_text().splitlines() if "budget.overrides=[" in ln)
+    override = shlex.split(line)[0]
+    register_configs()
+    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=["budget=auto", "budget.bits=2.5", override]))
+    names = [f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    got = resolve_overrides(names, cfg.budget.overrides, qlr_config(cfg.method, 0))
+    assert got["model.layers.0.mlp.down_proj"][0] == 0 and got["model.layers.2.mlp.down_proj"][1].rank == 64
+    assert got["model.layers.0.self_attn.q_proj"][1].bq == 4 and "model.layers.1.self_attn.q_proj" not in got
+    assert re.fullmatch(cfg.budget.overrides[1]["match"][3:], "model.layers.0.mlp.up_proj")
