@@ -16,7 +16,10 @@ DESIGN §4. Three steps:
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -136,23 +139,38 @@ class CostTable:
     costs: list[list[float]]
     bits: list[list[float]]
 
+    def to_dict(self) -> dict:
+        return dict(names=self.names, params=self.params, options=[[o.to_dict() for o in opts] for opts in self.options],
+                    costs=self.costs, bits=self.bits)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostTable":
+        return cls(names=d["names"], params=d["params"], options=[[QLRConfig(**o) for o in opts] for opts in d["options"]],
+                   costs=d["costs"], bits=d["bits"])
+
+    def restricted(self, ceilings: dict[str, int]) -> "CostTable":
+        """The table with only ranks ≤ each matrix's ceiling offered (rank 0 always is)."""
+        t = CostTable(names=list(self.names), params=list(self.params), options=[], costs=[], bits=[])
+        for n, opts, costs, bits in zip(self.names, self.options, self.costs, self.bits):
+            keep = [j for j, o in enumerate(opts) if o.rank == 0 or o.rank <= ceilings.get(n, o.rank)] or list(range(len(opts)))
+            t.options.append([opts[j] for j in keep])
+            t.costs.append([costs[j] for j in keep])
+            t.bits.append([bits[j] for j in keep])
+        return t
+
 
 def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]], sensitivity: dict[str, torch.Tensor],
                menu: Menu, base: QLRConfig, fixed: dict[str, QLRConfig] | None = None,
-               progress: bool = True, use_hessian: bool = True, ceilings: dict[str, int] | None = None) -> CostTable:
+               progress: bool = True, use_hessian: bool = True) -> CostTable:
     """Decompose every matrix with every menu option (``fixed``: matrices with one given option).
-    ``use_hessian=False`` decomposes under H = I (the cost is still measured under the real H).
-    ``ceilings``: the largest rank offered to each matrix (a prior, see lqlr.diagnostics.rank_ceilings)."""
+    ``use_hessian=False`` decomposes under H = I (the cost is still measured under the real H)."""
     from .decompose import decompose
 
     fixed = fixed or {}
-    ceilings = ceilings or {}
     names = list(hessians)
 
     def options(n: str, shape) -> list[QLRConfig]:
-        if n in fixed:
-            return [fixed[n]]
-        return [o for o in menu.options(base, *shape) if o.rank <= ceilings.get(n, o.rank)]
+        return [fixed[n]] if n in fixed else menu.options(base, *shape)
 
     table = CostTable(names=names, params=[], options=[], costs=[], bits=[])
     work = sum(len(options(n, weight_of(model.get_submodule(n)).shape)) for n in names)
@@ -173,6 +191,11 @@ def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]], 
     return table
 
 
+def default_cache_dir() -> Path:
+    """Where cost tables are kept between runs: $LQLR_CACHE/cost_tables, or ~/.cache/lqlr/cost_tables."""
+    return Path(os.environ.get("LQLR_CACHE") or Path.home() / ".cache" / "lqlr") / "cost_tables"
+
+
 def allocate_plan(table: CostTable, budget: float, iters: int) -> dict[str, QLRConfig]:
     """One option per matrix from the MILP, with the method's outer iterations restored for the final run."""
     from .budget import allocate
@@ -184,19 +207,42 @@ def allocate_plan(table: CostTable, budget: float, iters: int) -> dict[str, QLRC
 
 def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: float, menu: Menu | None = None,
               targets=None, fixed: dict[str, QLRConfig] | None = None, progress: bool = True,
-              use_hessian: bool = True, prior: str = "none") -> tuple[dict[str, QLRConfig], CostTable]:
+              use_hessian: bool = True, prior: str = "none",
+              cache_dir: str | Path | None = None) -> tuple[dict[str, QLRConfig], CostTable]:
     """The allocator end to end on an uncompressed model: Hessians, sensitivities, cost table, MILP.
-    ``prior="intrinsic_dimension"`` offers each matrix only ranks ≤ 2 × its block's TwoNN dimension."""
+
+    ``prior="intrinsic_dimension"`` offers each matrix only ranks ≤ 2 × its block's TwoNN dimension.
+    ``cache_dir``: the cost table does not depend on the budget or the prior, so it is stored there
+    (keyed by a hash of the weights, calibration ids, method, menu and targets) and reused by the
+    next run with other budgets — the slow part is then skipped.
+    """
     if prior not in PRIORS:
         raise ValueError(f"budget.prior={prior!r}: choose one of {PRIORS}")
     menu = menu or Menu()
     names = list(target_linears(model, targets))
-    ceilings = None
+    table = None
+    path = None
+    if cache_dir is not None:
+        from .checkpoint import fingerprint
+
+        key = fingerprint(*[weight_of(model.get_submodule(n)).detach() for n in names], ids, base.to_dict(),
+                          menu.__dict__, names, use_hessian, {n: c.to_dict() for n, c in (fixed or {}).items()})
+        path = Path(cache_dir) / f"{key[:32]}.json"
+        if path.is_file():
+            table = CostTable.from_dict(json.loads(path.read_text()))
+    if table is None:
+        hessians = capture_target_hessians(model, ids, names, progress=progress)
+        sens = output_sensitivity(model, ids, names, progress=progress)
+        table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian)
+        del hessians
+        if path is not None:
+            from .export import atomic_write
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(table.to_dict())
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     if prior == "intrinsic_dimension":
         from .diagnostics import rank_ceilings
 
-        ceilings = rank_ceilings(model, ids, names)
-    hessians = capture_target_hessians(model, ids, names, progress=progress)
-    sens = output_sensitivity(model, ids, names, progress=progress)
-    table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian, ceilings)
+        table = table.restricted(rank_ceilings(model, ids, names))
     return allocate_plan(table, budget, base.iters), table

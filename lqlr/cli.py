@@ -72,6 +72,7 @@ class BudgetConf:
     bits: Optional[float] = None  # all-in bits/param; null: use the method's own bq/rank
     mode: str = "uniform"  # uniform: every matrix fitted to bits | auto: the global allocator (MILP) over menu
     prior: str = "none"  # auto: none | intrinsic_dimension (ranks ≤ 2 × the block's TwoNN dimension)
+    cache: bool = True  # auto: keep the (budget-independent) cost table in $LQLR_CACHE or ~/.cache/lqlr for later runs
     fit: str = "below"  # below: all-in bits <= budget | nearest: Q-only methods and peers take the setting nearest to it
     overrides: list[Any] = field(default_factory=list)  # ordered rules {match: glob or "re:regex", bq: 3, rank: 64, ...}
     menu: MenuConf = field(default_factory=MenuConf)
@@ -206,11 +207,12 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         raise ValueError(f"budget.fit={cfg.budget.fit!r}: choose below or nearest")
     if cfg.method.backend != "lqlr":
         return run_peer(cfg, run_dir, t_start)
-    from .allocate import Menu
+    from .allocate import Menu, default_cache_dir
 
     budget_kwargs = dict(budget_fit=cfg.budget.fit, budget_mode=cfg.budget.mode, overrides=cfg.budget.overrides or None,
                          menu=Menu(**asdict(cfg.budget.menu)) if cfg.budget.mode == "auto" else None,
-                         prior=cfg.budget.prior)
+                         prior=cfg.budget.prior,
+                         cost_cache=default_cache_dir() if cfg.budget.mode == "auto" and cfg.budget.cache else None)
     if cfg.budget.mode not in ("uniform", "auto"):
         raise ValueError(f"budget.mode={cfg.budget.mode!r}: choose uniform or auto")
     if cfg.budget.mode == "auto" and cfg.budget.bits is None:

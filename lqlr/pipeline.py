@@ -60,7 +60,7 @@ def budget_plan(model: nn.Module, base: QLRConfig, bits: float | None, targets=N
 
 def auto_budget_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, bits: float, targets=None,
                      overrides: list | None = None, menu=None, use_hessian: bool = True, progress: bool = True,
-                     prior: str = "none"):
+                     prior: str = "none", cost_cache: str | Path | None = None):
     """``plan(name)`` from the global allocator (lqlr.allocate): one menu option per matrix chosen by
     a MILP so that the all-in bits of all target matrices together stay within ``bits``. Override
     rules fix their matrices (one option each) and count against the same budget."""
@@ -72,7 +72,7 @@ def auto_budget_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, bits:
         raise ValueError("budget mode auto needs budget.bits: the all-in bits/param the allocator must stay within")
     fixed = resolve_overrides(list(target_linears(model, targets)), overrides, base)
     configs, table = auto_plan(model, ids, base, bits, menu, targets, {n: c for n, (_, c) in fixed.items()},
-                               progress, use_hessian, prior)
+                               progress, use_hessian, prior, cost_cache)
     source = {n: (f"rule {fixed[n][0]}" if n in fixed else "auto") for n in configs}
 
     def plan(name: str) -> QLRConfig:
@@ -89,7 +89,7 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
              n_samples: int = 32, seq_len: int = 256, seed: int = 0, dense_base: bool = False,
              progress: bool = True, lazy: bool = False, resume_dir: str | Path | None = None,
              budget_fit: str = "below", runner=None, budget_mode: str = "uniform", overrides: list | None = None,
-             menu=None, prior: str = "none") -> CompressResult:
+             menu=None, prior: str = "none", cost_cache: str | Path | None = None) -> CompressResult:
     """Compress every linear in the decoder blocks of ``model`` as Q + L·R.
 
     ``model``: a transformers causal LM or a name for :func:`lqlr.models.load_model`.
@@ -102,7 +102,8 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
     ``budget_mode="auto"`` lets the global allocator (lqlr.allocate) choose each matrix's BQ, rank,
     group and factor bits from ``menu`` (a :class:`lqlr.allocate.Menu`) so that the all-in bits of
     all matrices together stay within ``budget_bits`` (``prior="intrinsic_dimension"``: ranks capped at
-    2 × each block's TwoNN dimension, lqlr.diagnostics). ``overrides``: ordered rules
+    2 × each block's TwoNN dimension, lqlr.diagnostics; ``cost_cache``: a folder where the budget-independent
+    cost table is kept and reused by later runs). ``overrides``: ordered rules
     ``{"match": glob or "re:regex", **QLRConfig fields}`` fixing matching matrices (lqlr.plan).
     ``resume_dir`` keeps a checkpoint per finished block there; rerunning the same call after a crash
     resumes and gives identical output (the folder is removed once the export is written).
@@ -147,7 +148,7 @@ def compress(model: nn.Module | str, calibration: torch.Tensor | str = "self", c
         raise ValueError("budget mode auto measures every matrix on the whole model: it does not run with lazy=True")
     if budget_mode == "auto":
         plan = auto_budget_plan(model, ids, ccfg.qlr, budget_bits, ccfg.targets, overrides, menu, ccfg.use_hessian,
-                                progress, prior)
+                                progress, prior, cost_cache)
     elif budget_bits is not None or overrides:
         plan = budget_plan(model, ccfg.qlr, budget_bits, ccfg.targets, budget_fit, overrides)
     else:

@@ -147,3 +147,26 @@ def test_readme_override_example_composes_and_resolves():
     assert got["model.layers.0.mlp.down_proj"][0] == 0 and got["model.layers.2.mlp.down_proj"][1].rank == 64
     assert got["model.layers.0.self_attn.q_proj"][1].bq == 4 and "model.layers.1.self_attn.q_proj" not in got
     assert re.fullmatch(cfg.budget.overrides[1]["match"][3:], "model.layers.0.mlp.up_proj")
+
+
+def test_cost_table_is_cached_and_reused_across_budgets_and_priors(tmp_path, monkeypatch):
+    import lqlr.allocate as A
+
+    model = _tiny()
+    ids = torch.randint(0, 97, (4, 32))
+    menu = Menu(bq=[2, 3], rank=[0, 8], group_size=[32])
+    plan1, t1 = auto_plan(model, ids, QLRConfig(group_size=32), 3.0, menu, progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("the cached table should have been used")
+
+    monkeypatch.setattr(A, "cost_table", boom)
+    plan2, t2 = auto_plan(model, ids, QLRConfig(group_size=32), 3.0, menu, progress=False, cache_dir=tmp_path)
+    assert plan2 == plan1 and t2.costs == t1.costs
+    plan3, _ = auto_plan(model, ids, QLRConfig(group_size=32), 2.6, menu, progress=False, cache_dir=tmp_path)
+    assert plan3 != plan1  # another budget, same table
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(1e-3)  # other weights: a new table is needed
+    with pytest.raises(AssertionError, match="cached table"):
+        auto_plan(model, ids, QLRConfig(group_size=32), 3.0, menu, progress=False, cache_dir=tmp_path)
