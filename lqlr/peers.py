@@ -100,11 +100,13 @@ def peer_bits(backend: str, out_features: int, in_features: int, **kw) -> int:
 
 
 def fit_peer(backend: str, out_features: int, in_features: int, budget: float | None, default: dict,
-             mode: str = "nearest") -> dict:
-    """The peer configuration for a budget: ``nearest`` all-in bits (ties: the cheaper), or the most
-    bits ``below`` it; ``default`` when there is no budget. The real bits are always reported."""
+             mode: str = "nearest") -> list[dict]:
+    """Peer configurations for a budget, best first: ``nearest`` all-in bits (ties: the cheaper), or
+    the most bits ``below`` it; ``[default]`` when there is no budget. The caller takes the first one
+    the peer accepts (HQQ's bit packing needs the group count to fit its word layout). The real bits
+    are always reported."""
     if budget is None:
-        return default
+        return [default]
     opts = [o for o in peer_options(backend) if "group_size" not in o or (out_features * in_features) % o["group_size"] == 0]
     n = out_features * in_features
 
@@ -116,8 +118,8 @@ def fit_peer(backend: str, out_features: int, in_features: int, budget: float | 
         if not fitting:
             raise ValueError(f"budget {budget} bits/param is below {min(map(bpp, opts)):.3f}, the cheapest {backend} "
                              "setting: raise budget.bits or use budget.fit=nearest")
-        return max(fitting, key=lambda o: (bpp(o), o.get("bits", 0)))
-    return min(opts, key=lambda o: (abs(bpp(o) - budget), bpp(o)))
+        return sorted(fitting, key=lambda o: (-bpp(o), -o.get("bits", 0)))
+    return sorted(opts, key=lambda o: (abs(bpp(o) - budget), bpp(o)))
 
 
 def quantize_with_peer(model: nn.Module, backend: str, targets=None, budget: float | None = None,
@@ -136,8 +138,14 @@ def quantize_with_peer(model: nn.Module, backend: str, targets=None, budget: flo
     mods = target_linears(model, targets)
     for name, module in tqdm(mods.items(), desc=f"{backend} quantize", disable=not progress):
         W = weight_of(module)  # (out, in)
-        opts = fit_peer(backend, *W.shape, budget, default, fit)
-        res = fn(W, **opts)
+        for opts in fit_peer(backend, *W.shape, budget, default, fit):
+            try:
+                res = fn(W, **opts)
+                break
+            except RuntimeError as err:  # e.g. HQQ's 2-bit packing needs a multiple of 4 groups
+                last = err
+        else:
+            raise ValueError(f"{backend} could not quantize {name} {tuple(W.shape)} at any setting near the budget: {last}")
         err = float((res.weight - W).pow(2).sum() / W.pow(2).sum())
         with torch.no_grad():
             target = res.weight.T if is_conv1d(module) else res.weight

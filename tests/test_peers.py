@@ -57,9 +57,9 @@ def test_fit_peer_nearest_and_below_match_brute_force(budget):
     n = 576 * 576
     opts = peer_options("hqq")
     bits = [hqq_bits(576, 576, **o) / n for o in opts]
-    near = fit_peer("hqq", 576, 576, budget, {}, "nearest")
+    near = fit_peer("hqq", 576, 576, budget, {}, "nearest")[0]
     assert abs(hqq_bits(576, 576, **near) / n - budget) == pytest.approx(min(abs(b - budget) for b in bits))
-    below = fit_peer("hqq", 576, 576, budget, {}, "below")
+    below = fit_peer("hqq", 576, 576, budget, {}, "below")[0]
     assert hqq_bits(576, 576, **below) / n == max(b for b in bits if b <= budget)
 
 
@@ -77,3 +77,15 @@ def test_quantize_with_peer_replaces_every_target_weight():
         W = model.get_submodule(r["name"]).weight
         assert not torch.equal(W, before[r["name"] + ".weight"]) and 0 < r["rel_error"] < 0.2
     assert torch.equal(model.get_input_embeddings().weight, before["model.embed_tokens.weight"])
+
+
+def test_a_setting_hqq_cannot_pack_falls_back_to_the_next_nearest():
+    pytest.importorskip("hqq")
+    from torch import nn
+
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([nn.Module()])
+    model.model.layers[0].proj = nn.Linear(172, 64, bias=False)  # 64·172 / 256 = 43 groups: 2-bit packing refuses
+    (rec,) = quantize_with_peer(model, "hqq", targets=["proj"], budget=2.125, progress=False)
+    assert rec["options"] != {"bits": 2, "group_size": 256} and rec["rel_error"] < 0.5

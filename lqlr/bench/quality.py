@@ -63,7 +63,9 @@ def run_sweeps(model: str, work_dir: Path, quick: bool = False, extra: list[str]
             continue
         cmd = sweep_command(model, methods, budgets, work_dir / f"sweep{i}", [*(more[0] if more else []), *(extra or [])])
         print("+ lqlr-compress", " ".join(cmd[3:]), flush=True)
-        subprocess.run(cmd, check=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+        rc = subprocess.run(cmd, env={**os.environ, "HYDRA_FULL_ERROR": "1"}).returncode
+        if rc:  # the finished runs of this sweep are kept; the others still run
+            print(f"sweep {i} of {model} failed (exit {rc}); its finished runs are kept", file=sys.stderr, flush=True)
 
 
 def record_of(result: dict) -> Record:
