@@ -268,13 +268,18 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         "calibration": cfg.data.source, "hessian_mode": cfg.method.hessian_mode, "budget_mode": cfg.budget.mode,
         "budget_prior": cfg.budget.prior,
     }
+    print(summary_table(reports) if len(reports) <= 40 else summary_table(reports).splitlines()[-1])
+    return finish_result(result, cfg, model, reference, tokenizer, run_dir, t_start)
+
+
+def finish_result(result: dict, cfg: MainConf, model, reference, tokenizer, run_dir: Path, t_start: float) -> dict:
+    """Evaluate (when enabled), add wall time, peak RSS and the config, write result.json, print it."""
     if cfg.eval.enabled:
         result.update(evaluate_model(model, reference, tokenizer, cfg.eval, cfg.progress))
     result["wall_s"] = time.perf_counter() - t_start
     result["peak_rss_mb"] = peak_rss_mb()
     result["config"] = asdict(cfg)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-    print(summary_table(reports) if len(reports) <= 40 else summary_table(reports).splitlines()[-1])
     print(format_result(result))
     return result
 
@@ -313,14 +318,7 @@ def run_peer(cfg: MainConf, run_dir: Path, t_start: float) -> dict:
         "size_on_disk_bytes": (stored + 16 * untouched) // 8, "size_is": "computed: peer bits + untouched in 16 bits",
         "compress_s": compress_s, "output_dir": None, "calibration": None,
     }
-    if cfg.eval.enabled:
-        result.update(evaluate_model(model, reference, tokenizer, cfg.eval, cfg.progress))
-    result["wall_s"] = time.perf_counter() - t_start
-    result["peak_rss_mb"] = peak_rss_mb()
-    result["config"] = asdict(cfg)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-    print(format_result(result))
-    return result
+    return finish_result(result, cfg, model, reference, tokenizer, run_dir, t_start)
 
 
 def format_result(r: dict) -> str:
