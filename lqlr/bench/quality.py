@@ -57,10 +57,11 @@ def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ..
 
 def run_sweeps(model: str, work_dir: Path, quick: bool = False, extra: list[str] | None = None,
                only: list[int] | None = None) -> None:
-    """Launch the sweeps (``only``: their indices), one subprocess each, so a crash in one does not lose the others."""
-    for i, (methods, budgets, *more) in enumerate(sweeps(quick)):
-        if only is not None and i not in only:
-            continue
+    """Launch the sweeps (``only``: their indices, in that order), one subprocess each, so a crash in one
+    does not lose the others."""
+    every = sweeps(quick)
+    for i in (range(len(every)) if only is None else only):
+        methods, budgets, *more = every[i]
         cmd = sweep_command(model, methods, budgets, work_dir / f"sweep{i}", [*(more[0] if more else []), *(extra or [])])
         print("+ lqlr-compress", " ".join(cmd[3:]), flush=True)
         rc = subprocess.run(cmd, env={**os.environ, "HYDRA_FULL_ERROR": "1"}).returncode
