@@ -3,7 +3,7 @@
 forward(x) = x Qᵀ + (x Rᵀ) Lᵀ + b in the original basis. With incoherence, the stored Q', L', R'
 live in the rotated basis (W' = U W Vᵀ), so forward rotates the input once (x Vᵀ) and the
 output once (y U). The dense weight is built only when asked (``dequantize()``/``weight``) and
-transiently inside ``forward`` (issue: fused kernels are future work).
+transiently inside the reference ``forward``; the packed kernel (lqlr.kernels) never builds it.
 
 It subclasses ``nn.Linear`` so that stock PEFT wraps it as a LoRA base layer; ``weight`` is a
 read-only property, so PEFT operations that write the base weight (merge) are refused — merge

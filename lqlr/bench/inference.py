@@ -63,7 +63,11 @@ def fp32_dir(model: str, work: Path) -> Path:
         from ..models import load_model
 
         m, tok = load_model(model)
-        m.float().save_pretrained(out)
+        if getattr(m, "hf_quantizer", None) is not None:  # GGUF sources come dequantized, flagged as quantized
+            m.hf_quantizer = None
+            m.config.__dict__.pop("quantization_config", None)
+            m.is_quantized = False
+        m.to(torch.float32).save_pretrained(out)
         tok.save_pretrained(out)
     return out
 
@@ -171,6 +175,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         prefill()  # warm-up
         prefill_s = _timed(prefill, spec["repeats"])
         decode_s = _timed(decode, spec["repeats"])
+    rss_run = _rss_bytes()  # every weight touched (safetensors loads are memory-mapped lazily)
     bits = None
     if spec["bits"] is not None:
         bits = json.loads((Path(spec["path"]) / "manifest.json").read_text())["summary"]["bits_per_param"]
@@ -178,6 +183,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "kernels_used": kernel_counts, "peft": spec["peft"], "budget_bits": spec["bits"], "bits_per_param": bits,
             "decode_tok_s": n_new / decode_s, "prefill_tok_s": spec["prompt_len"] / prefill_s,
             "load_s": load_s, "rss_mb": rss / 2**20, "rss_delta_mb": (rss - rss0) / 2**20,
+            "rss_after_run_mb": rss_run / 2**20,
             "linear_resident_mb": resident / 2**20 if spec["bits"] else None,
             "linear_packed_mb": packed / 2**20 if spec["bits"] else None,
             "linear_memory_ratio": resident / packed if spec["bits"] and packed else None,
@@ -258,7 +264,7 @@ def markdown(records: list[dict]) -> str:
         rows = [r for r in records if r["model"] == model]
         base = next((r for r in rows if r["kernel"] == "fp32"), None)
         lines += [f"### {model}", "",
-                  "| mode | all-in bits | decode tok/s | × fp32 | prefill tok/s (512) | × fp32 | RSS after load (MB) "
+                  "| mode | all-in bits | decode tok/s | × fp32 | prefill tok/s (512) | × fp32 | RSS after load / after run (MB) "
                   "| linears resident / packed (MB) | load (s) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
@@ -268,7 +274,7 @@ def markdown(records: list[dict]) -> str:
             lin = (f"{r['linear_resident_mb']:.1f} / {r['linear_packed_mb']:.1f} ({r['linear_memory_ratio']:.2f}×)"
                    if r["linear_packed_mb"] else "")
             lines.append(f"| {r['mode']} | {bits} | {r['decode_tok_s']:.1f} | {rel_d} | {r['prefill_tok_s']:.1f} | "
-                         f"{rel_p} | {r['rss_mb']:.0f} | {lin} | {r['load_s']:.2f} |")
+                         f"{rel_p} | {r['rss_mb']:.0f} / {r.get('rss_after_run_mb', float('nan')):.0f} | {lin} | {r['load_s']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

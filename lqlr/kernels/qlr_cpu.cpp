@@ -223,7 +223,9 @@ RowCtx ctx_of(const Packed& P) {
 
 template <bool NF>
 void gemv_dispatch(const RowCtx& c, const Packed& P, const float* x, int64_t M, const float* xsum, float* y) {
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(P.cols, 1));
+  // at least ~32K codes per task: the skinny L and R products and small matrices run serially
+  // (a parallel region costs more than they do)
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(P.cols * M, 1));
   at::parallel_for(0, P.rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int64_t mb = std::min<int64_t>(4, M - m0);
@@ -245,7 +247,7 @@ void dequant_rows(const Packed& P, int64_t r0, int64_t r1, float* out) {
   const RowCtx c = ctx_of(P);
   const int b = c.bits;
   const bool nf = P.lut.defined();
-  at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t e) {
+  at::parallel_for(r0, r1, std::max<int64_t>(1, 32768 / std::max<int64_t>(P.cols, 1)), [&](int64_t a, int64_t e) {
 #if LQLR_AVX2
     const __m256i shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 0, b, 2 * b, 3 * b);
     const __m256i mask = _mm256_set1_epi32((1 << b) - 1);
@@ -347,41 +349,34 @@ inline void fwht(float* v, int64_t p, float scale) {
   for (int64_t j = 0; j < p; ++j) v[j] *= scale;
 }
 
-// Rows of x (M, n) in place: x Vᵀ (inverse = false) or x V (inverse = true).
-void rotate_inplace(const Rot& R, float* x, int64_t M, bool inverse) {
+// Rows of x (M, n): x Vᵀ (inverse = false) or x V (inverse = true); returns a new tensor.
+// Signs and the per-block FWHT run in place on a copy; the m×m mix across blocks is one batched
+// matmul (m is the odd part of n, e.g. 9 for 576 = 9·64).
+torch::Tensor rotate_rows(const Rot& R, const torch::Tensor& x2, bool inverse) {
+  const int64_t M = x2.size(0);
+  auto mix = [&](const torch::Tensor& y) {  // block i ← Σ_j O[i,j] block j (O, or Oᵀ for the inverse)
+    return at::matmul(inverse ? R.Om.t() : R.Om, y.view({M, R.m, R.p})).reshape({M, R.n});
+  };
+  torch::Tensor y = (inverse && R.m > 1) ? mix(x2) : x2.clone();
+  float* v = y.data_ptr<float>();
   const float* sg = R.signs.data_ptr<float>();
-  const float* O = R.m > 1 ? R.Om.data_ptr<float>() : nullptr;
   const float scale = 1.0f / std::sqrt(static_cast<float>(R.p));
-  at::parallel_for(0, M, 1, [&](int64_t a, int64_t e) {
-    std::vector<float> tmp(R.m > 1 ? R.n : 0);
-    auto mix = [&](float* v, bool transpose) {  // block i ← Σ_j O[i,j] block j (or O[j,i])
-      std::fill(tmp.begin(), tmp.end(), 0.f);
-      for (int64_t i = 0; i < R.m; ++i)
-        for (int64_t jb = 0; jb < R.m; ++jb) {
-          const float w = transpose ? O[jb * R.m + i] : O[i * R.m + jb];
-          const float* src = v + jb * R.p;
-          float* dst = tmp.data() + i * R.p;
-          for (int64_t t = 0; t < R.p; ++t) dst[t] += w * src[t];
-        }
-      std::memcpy(v, tmp.data(), sizeof(float) * R.n);
-    };
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / R.n), [&](int64_t a, int64_t e) {
     for (int64_t r = a; r < e; ++r) {
-      float* v = x + r * R.n;
+      float* row = v + r * R.n;
       if (!inverse)
-        for (int64_t t = 0; t < R.n; ++t) v[t] *= sg[t];
-      if (inverse && R.m > 1) mix(v, true);
-      for (int64_t i = 0; i < R.m; ++i) fwht(v + i * R.p, R.p, scale);
-      if (!inverse && R.m > 1) mix(v, false);
+        for (int64_t t = 0; t < R.n; ++t) row[t] *= sg[t];
+      for (int64_t i = 0; i < R.m; ++i) fwht(row + i * R.p, R.p, scale);
       if (inverse)
-        for (int64_t t = 0; t < R.n; ++t) v[t] *= sg[t];
+        for (int64_t t = 0; t < R.n; ++t) row[t] *= sg[t];
     }
   });
+  return (!inverse && R.m > 1) ? mix(y) : y;
 }
 
 torch::Tensor rotate(const Rot& R, torch::Tensor x, bool inverse) {
   TORCH_CHECK(x.size(-1) == R.n, "rotation of size ", R.n, " applied to rows of size ", x.size(-1));
-  auto y = x.to(torch::kFloat32).reshape({-1, R.n}).clone();
-  rotate_inplace(R, y.data_ptr<float>(), y.size(0), inverse);
+  auto y = rotate_rows(R, x.to(torch::kFloat32).reshape({-1, R.n}).contiguous(), inverse);
   return y.reshape(x.sizes());
 }
 
@@ -408,13 +403,10 @@ struct Plan {
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = Q.rows;
     auto xr = x.reshape({-1, Q.cols}).to(torch::kFloat32).contiguous();
-    if (V) {
-      if (xr.data_ptr() == x.data_ptr()) xr = xr.clone();
-      rotate_inplace(*V, xr.data_ptr<float>(), xr.size(0), false);  // x Vᵀ
-    }
+    if (V) xr = rotate_rows(*V, xr, false);  // x Vᵀ
     auto y = matmul(Q, xr, gemv_max_rows);  // x' Q'ᵀ
     if (L) y.add_(matmul(*L, matmul(*R, xr, gemv_max_rows), gemv_max_rows));  // (x' R'ᵀ) L'ᵀ
-    if (U) rotate_inplace(*U, y.data_ptr<float>(), y.size(0), true);  // y U
+    if (U) y = rotate_rows(*U, y, true);  // y U
     if (bias.defined()) y.add_(bias.to(torch::kFloat32));
     return y.reshape(shape).to(x.scalar_type());
   }
