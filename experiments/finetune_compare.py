@@ -58,7 +58,8 @@ def write_tables(results: dict) -> None:
     for label, entry in results.items():
         s = entry["settings"]
         lines += [f"## {label}", "",
-                  f"{s['steps']} steps × {s['batch_size']} × {s['seq_len']} tokens, lr {s['lr']}, "
+                  f"{s['steps']} steps × {s['batch_size']} × {s['seq_len']} tokens, lr {s['lr']} "
+                  f"(warmup {s.get('warmup_steps', 10)}, cosine), "
                   f"eval {s['eval_windows']} windows × {s['eval_seq_len']} tokens.", "",
                   "| run | bits (all-in) | trainable params | ppl before | ppl after | ppl requantized | "
                   "train s | peak RSS train (MB) | RSS at start (MB) |",
@@ -105,14 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--eval-seq-len", type=int, default=None)
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     work = Path(a.work or a.lqlr.rstrip("/") + ".compare")
     common = [f"train.steps={a.steps}", f"train.batch_size={a.batch_size}", f"train.seq_len={a.seq_len}",
-              f"train.lr={a.lr}", f"train.seed={a.seed}", f"eval.max_windows={a.eval_windows}",
-              f"eval.seq_len={a.eval_seq_len if a.eval_seq_len else 'null'}"]
+              f"train.lr={a.lr}", f"train.warmup_steps={a.warmup_steps}", f"train.seed={a.seed}",
+              f"eval.max_windows={a.eval_windows}", f"eval.seq_len={a.eval_seq_len if a.eval_seq_len else 'null'}"]
     like = f"lora_like={Path(a.lqlr) / 'adapter'}"
     runs = {"lqlr": run_one("lqlr", a.lqlr, work, common, ["init=export", "requantize=true"])}
     if a.qonly:
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / "finetune.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    settings = {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "seed": a.seed,
+    settings = {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr,
+                "warmup_steps": a.warmup_steps, "seed": a.seed,
                 "eval_windows": a.eval_windows, "eval_seq_len": runs["lqlr"]["eval_tokens"] // a.eval_windows}
     keep = ("init", "base", "bits_per_param", "trainable_params", "ppl_before", "ppl_after", "ppl_requantized",
             "train_s", "peak_rss_train_mb", "rss_before_train_mb", "reload_max_abs_diff", "losses", "train_tokens")
