@@ -7,6 +7,7 @@
 Runs ``experiments/finetune.py`` once per row, each in its own process (so each peak RSS is its own):
 (a) ``lqlr``: LoRA = the decomposition's L, R on the packed Q (then L, R requantized to their grids);
 (b) ``qonly+zero``: QLoRA-style B = 0 LoRA, same ranks as (a), on a Q-only export;
+(b') ``lqlrQ+zero`` (``--zero-on-lqlr-q``): the same zero-init LoRA on (a)'s own Q;
 (c) ``loftq``: the LoftQ-style export's fp16 factors as LoRA init;
 (fp) ``fp32+zero``: zero-init LoRA of the same ranks on the uncompressed model (memory and quality reference).
 Merges the figures into ``results/finetune.json``, rewrites ``results/finetune.md`` and the
@@ -28,6 +29,7 @@ RESULTS = ROOT / "results"
 ROWS = {
     "lqlr": "(a) lqlr init: L, R from the decomposition",
     "qonly+zero": "(b) Q-only base (GPTQ/LDLQ), zero-init LoRA, same ranks",
+    "lqlrQ+zero": "(b') lqlr's own Q, zero-init LoRA, same ranks",
     "loftq": "(c) LoftQ-style init (lqlr loftq preset)",
     "fp32+zero": "full-precision model, zero-init LoRA, same ranks",
 }
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lqlr", required=True, help="export of (a): method=lqlr")
     p.add_argument("--qonly", help="export of (b): a Q-only method (e.g. method=gptq) at the same Q grid")
     p.add_argument("--loftq", help="export of (c): method=loftq at the same all-in bits")
+    p.add_argument("--zero-on-lqlr-q", action="store_true",
+                   help="(b'): zero-init LoRA on (a)'s own Q (same base as (a); that Q was fitted next to L R)")
     p.add_argument("--no-fp32", action="store_true", help="skip the full-precision LoRA reference")
     p.add_argument("--work", default=None, help="folder for the runs (default <lqlr export>.compare)")
     p.add_argument("--steps", type=int, default=100)
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"lqlr": run_one("lqlr", a.lqlr, work, common, ["init=export", "requantize=true"])}
     if a.qonly:
         runs["qonly+zero"] = run_one("qonly+zero", a.qonly, work, common, ["init=zero", like])
+    if a.zero_on_lqlr_q:
+        runs["lqlrQ+zero"] = run_one("lqlrQ+zero", a.lqlr, work, common, ["init=zero"])
     if a.loftq:
         runs["loftq"] = run_one("loftq", a.loftq, work, common, ["init=export"])
     if not a.no_fp32:
