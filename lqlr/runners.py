@@ -129,7 +129,7 @@ class RayRunner:
     initialised in this process; ``"auto"`` joins the cluster this machine belongs to; ``"ray://host:10001"``
     connects through Ray Client. Each task decomposes with ``threads`` intra-op threads (None: this
     process's ``torch.get_num_threads()``, as the local runner) and reserves ``num_cpus_per_task`` CPUs
-    (None: ``threads``) and ``num_gpus_per_task`` GPUs (None: 1 when the cluster has GPUs, else 0;
+    (None: ``threads``, or 1 for a GPU task) and ``num_gpus_per_task`` GPUs (None: 1 when the cluster has GPUs, else 0;
     a GPU task decomposes on its GPU, so its bytes match a local run on a GPU, not on a CPU).
     A task whose worker dies is retried up to ``max_retries`` times; an exception raised by the
     decomposition itself (bad H, ...) is not retried and surfaces as is. ``pipeline_blocks``: how many
@@ -139,7 +139,7 @@ class RayRunner:
     def __init__(self, address: str | None = None, num_cpus: int | None = None, threads: int | None = None,
                  num_cpus_per_task: float | None = None, num_gpus_per_task: float | None = None,
                  max_retries: int = 3, pipeline_blocks: int | None = None) -> None:
-        for key, value in (("threads", threads), ("num_cpus", num_cpus)):
+        for key, value in (("threads", threads), ("ray.num_cpus", num_cpus)):
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value}: must be >= 1 (or null)")
         for key, value in (("num_cpus_per_task", num_cpus_per_task), ("num_gpus_per_task", num_gpus_per_task)):
@@ -158,8 +158,12 @@ class RayRunner:
         self.threads = threads or torch.get_num_threads()
         resources = ray.cluster_resources()
         gpus = num_gpus_per_task if num_gpus_per_task is not None else (1.0 if resources.get("GPU", 0) > 0 else 0.0)
-        cpus = num_cpus_per_task if num_cpus_per_task is not None else float(self.threads)
+        if num_cpus_per_task is not None:
+            cpus = num_cpus_per_task
+        else:  # a CPU task reserves a core per thread; a GPU task one core
+            cpus = 1.0 if gpus > 0 else float(self.threads)
         if cpus > resources.get("CPU", 0) or gpus > resources.get("GPU", 0):
+            self.close()
             raise ValueError(f"a task needs {cpus:g} CPUs and {gpus:g} GPUs but the Ray cluster has "
                              f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs: "
                              "lower threads / ray.num_cpus_per_task / ray.num_gpus_per_task")
@@ -176,10 +180,19 @@ class RayRunner:
         return math.ceil(max(self.slots, 1) / max(matrices_per_block, 1))
 
     def submit(self, jobs: list[MatrixJob]) -> list:
-        return [self._task.remote(job, self.threads, self.device) for job in jobs]
+        """Start one task per job; tensors travel on the CPU (the worker may have no GPU)."""
+        handle = []
+        for job in jobs:
+            cpu = replace(job, W=job.W.cpu(), H=job.H.cpu(), bias=None if job.bias is None else job.bias.cpu())
+            handle.append((job.W.device, self._task.remote(cpu, self.threads, self.device)))
+        return handle
 
     def gather(self, handle: list) -> list[MatrixResult]:
-        return self._ray.get(handle)
+        """Wait for the tasks; each module comes back to the device its matrix came from."""
+        results = self._ray.get([ref for _, ref in handle])
+        for (device, _), res in zip(handle, results):
+            res.module = res.module.to(device)
+        return results
 
     def close(self) -> None:
         """Shut Ray down if this runner started it."""

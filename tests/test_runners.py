@@ -116,6 +116,8 @@ def test_ray_task_uses_the_local_thread_count(ray_2cpu):
     job = MatrixJob("m", W, X @ X.T / 1024, lqlr.QLRConfig(bq=2, rank=8, iters=2, incoherence=True), True, None, "linear", 1024)
     local = {t: LocalRunner(threads=t).gather([job])[0].module.packed_tensors() for t in (1, 2)}
     ray_runner = make_runner("ray", threads=2, num_cpus_per_task=1)  # the worker starts with OMP_NUM_THREADS=1
+    with pytest.raises(ValueError, match="needs 4 CPUs and 0 GPUs but the Ray cluster has 2 CPUs"):
+        make_runner("ray", threads=4)
     remote = ray_runner.gather(ray_runner.submit([job]))[0].module.packed_tensors()
     assert all(torch.equal(remote[k], local[2][k]) for k in local[2])
     if any(not torch.equal(local[1][k], local[2][k]) for k in local[1]):  # this BLAS is thread-count sensitive
