@@ -8,33 +8,34 @@ from lqlr.bench import main as bench_main
 from lqlr.bench.quality import collect, losses, markdown, sweep_command, sweeps
 
 
-def _rec(method, bits, ppl, kl, model="m"):
-    return dict(model=model, method=method, label=method, bits_per_param=bits, ppl=ppl, kl=kl, budget_bits=None)
+def _rec(method, bits, ppl, kl, model="m", budget=None):
+    return dict(model=model, method=method, label=method, bits_per_param=bits, ppl=ppl, kl=kl, budget_bits=budget)
 
 
-def test_losses_lists_exactly_the_baselines_that_beat_lqlr_at_equal_or_more_bits():
-    recs = [_rec("lqlr", 2.95, 30.0, 0.30), _rec("lqlr", 2.4, 40.0, 0.5),
-            _rec("gptq", 3.07, 29.0, 0.35),   # more bits, lower ppl: a loss
-            _rec("hqq", 3.0, 31.0, 0.25),     # more bits, lower KL: a loss
-            _rec("rtn", 3.3, 35.0, 0.40),     # more bits but worse: fine
-            _rec("nf", 2.9, 20.0, 0.10)]      # fewer bits (would be a loss the other way round, not counted here)
+def test_losses_lists_exactly_the_same_budget_baselines_that_beat_lqlr():
+    recs = [_rec("lqlr", 2.95, 30.0, 0.30, budget=3.0), _rec("lqlr", 2.4, 40.0, 0.5, budget=2.5),
+            _rec("gptq", 3.07, 29.0, 0.35, budget=3.0),   # same budget, more bits, lower ppl: a loss
+            _rec("hqq", 3.0, 31.0, 0.25, budget=3.0),     # same budget, more bits, lower KL: a loss
+            _rec("rtn", 3.3, 35.0, 0.40, budget=3.0),     # same budget, more bits but worse: compared, fine
+            _rec("nf", 2.9, 20.0, 0.10, budget=3.0),      # fewer bits than lqlr's point: not compared
+            _rec("gptq", 4.3, 10.0, 0.01, budget=4.0),    # another budget: not compared at 3
+            _rec("rtn", 2.45, 45.0, 0.6, budget=2.25)]    # bits between 2.4 and 2.5: compared at 2.5
     v = {x["budget"]: x for x in losses(recs)}
-    assert v[3.0]["best"]["bits_per_param"] == 2.95
+    assert v[3.0]["best"]["bits_per_param"] == 2.95 and v[3.0]["compared"] == 3
     assert sorted(r["method"] for r in v[3.0]["beaten_by"]) == ["gptq", "hqq"]
-    assert v[2.5]["best"]["ppl"] == 40.0
-    assert {r["method"] for r in v[2.5]["beaten_by"]} == {"gptq", "hqq", "nf", "rtn"}  # all have ≥ 2.4 bits
+    assert v[2.5]["best"]["ppl"] == 40.0 and v[2.5]["compared"] == 1 and v[2.5]["beaten_by"] == []
     assert 2.25 not in v  # no lqlr point at or below 2.25 bits
 
 
 def test_table_and_plot_are_rebuilt_from_the_json(tmp_path):
-    recs = [_rec("lqlr", 2.95, 30.0, 0.30), _rec("gptq", 3.07, 29.0, 0.35),
+    recs = [_rec("lqlr", 2.95, 30.0, 0.30, budget=3.0), _rec("gptq", 3.07, 29.0, 0.35, budget=3.0),
             dict(model="m", method="reference", label="fp32", bits_per_param=32.0, ppl=20.0, kl=0.0)]
     src = tmp_path / "in" / "quality.json"
     src.parent.mkdir()
     src.write_text(json.dumps({"benchmark": "quality", "meta": {"command": "x"}, "records": recs}))
     bench_main(["quality", "--from-json", str(src), "--out", str(tmp_path / "out")])
     md = (tmp_path / "out" / "quality.md").read_text()
-    assert "| lqlr | – | 2.950 | 30.00 | 0.300 |" in md and "gptq 3.07 b: ppl 29.00" in md
+    assert "| lqlr | 3 | 2.950 | 30.00 | 0.300 |" in md and "gptq 3.07 b: ppl 29.00" in md
     assert (tmp_path / "out" / "quality.png").stat().st_size > 10_000
 
 

@@ -100,8 +100,9 @@ def collect(work_dir: Path) -> list[Record]:
 
 
 def losses(records: list[Record]) -> list[dict]:
-    """For each budget: lqlr's best point at ≤ budget bits, and every baseline point at bits ≥ that
-    point's bits with perplexity or KL at least as low (the target says there should be none)."""
+    """For each budget B: lqlr's best point (lowest ppl) at ≤ B bits, and the baseline points of the same
+    budget — run at B, or with bits between that point's and B — that have at least as many bits
+    and a perplexity or KL at least as low (the target says there should be none)."""
     out = []
     for model in sorted({r["model"] for r in records}):
         rows = [r for r in records if r["model"] == model and r.get("ppl") is not None and r["method"] != "reference"]
@@ -110,20 +111,41 @@ def losses(records: list[Record]) -> list[dict]:
             if not ours:
                 continue
             best = min(ours, key=lambda r: r["ppl"])
-            beaten_by = [r for r in rows if r["method"] not in OURS and r["bits_per_param"] >= best["bits_per_param"]
-                         and (r["ppl"] <= best["ppl"] or (r.get("kl") is not None and r["kl"] <= best["kl"]))]
-            out.append(dict(model=model, budget=budget, best=best, beaten_by=beaten_by))
+            same_budget = [r for r in rows if r["method"] not in OURS and r["bits_per_param"] >= best["bits_per_param"]
+                           and (r.get("budget_bits") == budget or r["bits_per_param"] <= budget + 1e-9)]
+            beaten_by = [r for r in same_budget
+                         if r["ppl"] <= best["ppl"] or (r.get("kl") is not None and r["kl"] <= best["kl"])]
+            out.append(dict(model=model, budget=budget, best=best, beaten_by=beaten_by, compared=len(same_budget)))
     return out
 
 
+def summary(records: list[Record], model: str) -> str:
+    """Compact table: one row per method, one column per budget of BUDGETS, cells "bits · ppl · KL"."""
+    rows = [r for r in records if r["model"] == model and r["method"] != "reference" and r.get("ppl") is not None]
+    order = [m for m in LABELS if any(r["method"] == m for r in rows)]
+    lines = ["| method | " + " | ".join(f"budget {b:g}: bits · ppl · KL" for b in BUDGETS) + " |",
+             "|---|" + "---:|" * len(BUDGETS)]
+    for m in order:
+        cells = []
+        for b in BUDGETS:
+            r = next((r for r in rows if r["method"] == m and r.get("budget_bits") == b), None)
+            cells.append("–" if r is None else f"{r['bits_per_param']:.2f} · {r['ppl']:.2f} · {r['kl']:.3f}")
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    ref = next((r for r in records if r["model"] == model and r["method"] == "reference"), None)
+    if ref:
+        lines.append(f"| fp32 reference | ppl {ref['ppl']:.2f} | | | |")
+    return "\n".join(lines)
+
+
 def markdown(records: list[Record], command: str = "") -> str:
-    """Tables per model (sorted by bits) and the per-budget verdict."""
+    """Tables per model (a summary by budget, every point sorted by bits) and the per-budget verdict."""
     lines = []
     for model in sorted({r["model"] for r in records}):
         rows = sorted((r for r in records if r["model"] == model), key=lambda r: (r["bits_per_param"], r["method"]))
         ctx = next((r.get("eval_seq_len") for r in rows if r.get("eval_seq_len")), None)
         toks = next((r.get("eval_tokens") for r in rows if r.get("eval_tokens")), None)
-        lines += [f"### {model}: WikiText-2 test, {toks} tokens in windows of {ctx}", "",
+        lines += [f"### {model}: WikiText-2 test, {toks} tokens in windows of {ctx}", "", summary(records, model), "",
+                  "Every point:", "",
                   "| method | budget | all-in bits | ppl | KL (nats/token) | size on disk (MB) | compress (s) | wall (s) | peak RSS (GB) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
@@ -137,14 +159,16 @@ def markdown(records: list[Record], command: str = "") -> str:
         lines.append("")
     lines += ["`*` size computed from the peer's stored bits plus the untouched tensors in 16 bits (no lqlr export).", "",
               "### Does lqlr's best point beat every baseline at equal or higher bits?", "",
-              "| model | budget | lqlr's best (bits, ppl, KL) | baselines at ≥ its bits with lower or equal ppl or KL |",
-              "|---|---:|---|---|"]
+              "Per budget B: lqlr's best point at ≤ B bits against the baselines' points of that budget (run at B,",
+              "or between that point's bits and B) that have at least as many bits.", "",
+              "| model | budget | lqlr's best (bits, ppl, KL) | baselines compared | of those, with lower or equal ppl or KL |",
+              "|---|---:|---|---:|---|"]
     for v in losses(records):
         b = v["best"]
         who = "; ".join(f"{r['label']} {r['bits_per_param']:.2f} b: ppl {r['ppl']:.2f}, KL {r['kl']:.3f}"
                         for r in v["beaten_by"]) or "none"
         lines.append(f"| {v['model']} | {v['budget']:g} | {b['label']} {b['bits_per_param']:.3f} b, ppl {b['ppl']:.2f}, "
-                     f"KL {b['kl']:.3f} | {who} |")
+                     f"KL {b['kl']:.3f} | {v['compared']} | {who} |")
     if command:
         lines += ["", f"Produced by `{command}`."]
     return "\n".join(lines) + "\n"
