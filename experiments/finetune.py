@@ -135,7 +135,7 @@ def run(cfg: AppConf) -> dict[str, Any]:
     record.update(res.to_dict())
     out.mkdir(parents=True, exist_ok=True)
     adapter = out / "adapter"
-    model.save_pretrained(adapter)
+    model.save_pretrained(adapter, save_embedding_layers=False)  # LoRA only: no hub lookup of the base
     if cfg.base == "packed":  # the saved adapter must reload to the very same logits
         probe = windows[:2, :64]
         with torch.no_grad():
