@@ -212,7 +212,7 @@ class QLRLinear(nn.Linear):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pure-torch forward: dequantize Q' (and L', R') now, then dense products."""
         rot = self.incoherence
-        xr = _rotate(x, rot.V) if rot else x  # x Vᵀ
+        xr = rot.V.apply(x) if rot else x  # x Vᵀ
         if self._dense_cache is None and torch.is_grad_enabled() and xr.requires_grad:
             y = _PackedMatmul.apply(xr, self)  # x' Q'ᵀ; backward re-dequantizes, the dense Q' is not kept
         else:
@@ -222,7 +222,7 @@ class QLRLinear(nn.Linear):
             L, R = self.stored_factors()
             y = y + F.linear(F.linear(xr, R.to(x.dtype)), L.to(x.dtype))  # (x' R'ᵀ) L'ᵀ
         if rot:
-            y = _rotate(y, rot.U, inverse=True)  # y U
+            y = rot.U.apply_inverse(y)  # y U
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -235,27 +235,6 @@ class QLRLinear(nn.Linear):
         if self.spec.get("rotation"):
             s += ", incoherence"
         return s + f", bias={self.bias is not None}"
-
-
-class _Rotate(torch.autograd.Function):
-    """X ↦ X Vᵀ (``inverse=False``) or X V (``inverse=True``) for an orthogonal V; the backward is the
-    opposite rotation of the gradient, so autograd saves no activation (only the (n, seed) rotation)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, rotation: Rotation, inverse: bool) -> torch.Tensor:
-        ctx.rotation, ctx.inverse = rotation, inverse
-        return rotation.apply_inverse(x) if inverse else rotation.apply(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        r = ctx.rotation
-        return (r.apply(grad) if ctx.inverse else r.apply_inverse(grad)), None, None
-
-
-def _rotate(x: torch.Tensor, rotation: Rotation, inverse: bool = False) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Rotate.apply(x, rotation, inverse)
-    return rotation.apply_inverse(x) if inverse else rotation.apply(x)
 
 
 class _PackedMatmul(torch.autograd.Function):
