@@ -188,7 +188,8 @@ def plot(records: list[Record], path: Path) -> None:
         ref = next((r["ppl"] for r in records if r["model"] == model and r["method"] == "reference"), None)
         for method in sorted({r["method"] for r in rows}):
             pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bits_per_param"])
-            style = dict(marker="o", lw=2.5) if method in OURS else dict(marker=".", lw=1, ls="--")
+            color = plt.cm.tab20(list(LABELS).index(method) % 20 if method in LABELS else 19)  # one colour per method
+            style = dict(marker="o", lw=2.5, color=color) if method in OURS else dict(marker=".", lw=1, ls="--", color=color)
             x = [r["bits_per_param"] for r in pts]
             row[0].plot(x, [r["ppl"] for r in pts], label=LABELS.get(method, method), **style)
             row[1].plot(x, [r["kl"] for r in pts], label=LABELS.get(method, method), **style)
