@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="stories260K only")
     p.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     torch.manual_seed(0)
     if getattr(args, "iters", 0) is None:
         args.iters = 5 if getattr(args, "quick", False) else 20

@@ -238,7 +238,7 @@ def main_args(args) -> None:
     records = collect(work)
     if not records:
         sys.exit(f"no result.json under {work}: run without --collect-only first")
-    meta = dict(command="lqlr-bench quality " + " ".join(sys.argv[2:]), models=args.models, quick=args.quick,
+    meta = dict(command="lqlr-bench " + " ".join(getattr(args, "argv", sys.argv[1:])), models=args.models, quick=args.quick,
                 sweeps=[dict(methods=m, budgets=b, overrides=(x[0] if x else [])) for m, b, *x in sweeps(args.quick)], machine=platform.machine(),
                 cpus=os.cpu_count(), wall_s=time.perf_counter() - t0)
     write(records, out, name, meta)
