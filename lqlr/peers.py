@@ -138,6 +138,7 @@ def quantize_with_peer(model: nn.Module, backend: str, targets=None, budget: flo
     mods = target_linears(model, targets)
     for name, module in tqdm(mods.items(), desc=f"{backend} quantize", disable=not progress):
         W = weight_of(module)  # (out, in)
+        last: Exception | None = None
         for opts in fit_peer(backend, *W.shape, budget, default, fit):
             try:
                 res = fn(W, **opts)
