@@ -12,8 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from lqlr.finetune import FinetuneConfig
+from lqlr.memory import module_memory_mb, peak_rss_mb, reset_peak_rss, rss_mb
 
 log = logging.getLogger("lqlr.finetune")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -56,31 +55,6 @@ class AppConf:
     merge: bool = False
     requantize: bool = False
     progress: bool = True
-
-
-def reset_peak_rss() -> float:
-    """Reset the kernel's peak-RSS counter of this process (Linux); returns the current RSS in MB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_mb("VmRSS")
-    except OSError:
-        return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS since the last reset (VmHWM), or since the start where it cannot be reset."""
-    hwm = _status_mb("VmHWM")
-    return hwm if not math.isnan(hwm) else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _status_mb(key: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def _text(cfg: DataConf) -> str:
@@ -128,8 +102,10 @@ def run(cfg: AppConf) -> dict[str, Any]:
         record["eval_tokens"] = test.numel()
         record["ppl_before"] = perplexity(model, test, cfg.eval.batch_size, cfg.progress)
         log.info("WikiText-2 test ppl before: %.3f", record["ppl_before"])
-    gc.collect()
-    record["rss_before_train_mb"] = reset_peak_rss()
+    mem = module_memory_mb(model)
+    record["weights_frozen_mb"], record["weights_trainable_mb"] = mem["frozen"], mem["trainable"]
+    reset_peak_rss()
+    record["rss_before_train_mb"] = rss_mb()
     res = train(model, windows, tcfg, progress=cfg.progress)
     record["peak_rss_train_mb"] = peak_rss_mb()
     record.update(res.to_dict())

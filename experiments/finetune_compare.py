@@ -49,28 +49,36 @@ def _fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
+def _weights_mb(r: dict) -> str:
+    if r.get("weights_frozen_mb") is None:
+        return "—"
+    return f"{r['weights_frozen_mb'] + r['weights_trainable_mb']:.0f}"
+
+
 def write_tables(results: dict) -> None:
     lines = ["# Fine-tuning the adapter (`experiments/finetune_compare.py`)", "",
              "WikiText-2 test perplexity before/after fine-tuning on WikiText-2 validation; same steps, data, lr and",
              "seed for every row of a model. Bits are all-in over the compressed linears (LoRA counted only after",
-             "requantization onto the L, R grids: the `requantized` column). Peak RSS is the training loop's own",
-             "(kernel high-water mark reset after loading), measured on a shared 2-core CPU: preliminary.",
+             "requantization onto the L, R grids: the `requantized` column). `weights` is what the model's tensors",
+             "hold in memory (frozen + trainable, tied tensors once); peak RSS is the training loop's own (kernel",
+             "high-water mark reset after loading: weights + activations + gradients + AdamW state + allocator).",
              "(b)'s bits are its Q alone: with its LoRA put on (a)'s 4-bit L, R grids it would store exactly (a)'s",
              "bits. (c) spends its budget on 16-bit factors, so it gets a lower rank at the same bits.", ""]
     for label, entry in results.items():
         s = entry["settings"]
         lines += [f"## {label}", "",
                   f"{s['steps']} steps × {s['batch_size']} × {s['seq_len']} tokens, lr {s['lr']} "
-                  f"(warmup {s.get('warmup_steps', 10)}, cosine), "
+                  f"(warmup {s.get('warmup_steps', 10)}, cosine)"
+                  f"{', gradient checkpointing' if s.get('gradient_checkpointing') else ''}, "
                   f"eval {s['eval_windows']} windows × {s['eval_seq_len']} tokens.", "",
                   "| run | bits (all-in) | trainable params | ppl before | ppl after | ppl requantized | "
-                  "train s | peak RSS train (MB) | RSS at start (MB) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "train s | weights (MB) | peak RSS train (MB) | RSS at start (MB) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in entry["runs"].items():
             bits = None if r["base"] == "fp32" else r["bits_per_param"]
             lines.append(f"| {ROWS.get(name, name)} | {_fmt(bits, '.3f')} | {r['trainable_params']:,} | "
                          f"{_fmt(r.get('ppl_before'))} | {_fmt(r.get('ppl_after'))} | {_fmt(r.get('ppl_requantized'))} | "
-                         f"{r['train_s']:.0f} | {r['peak_rss_train_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
+                         f"{r['train_s']:.0f} | {_weights_mb(r)} | {r['peak_rss_train_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
         lines.append("")
     (RESULTS / "finetune.md").write_text("\n".join(lines))
 
@@ -114,10 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-seq-len", type=int, default=None)
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in backward")
     a = p.parse_args(argv)
     work = Path(a.work or a.lqlr.rstrip("/") + ".compare")
     common = [f"train.steps={a.steps}", f"train.batch_size={a.batch_size}", f"train.seq_len={a.seq_len}",
               f"train.lr={a.lr}", f"train.warmup_steps={a.warmup_steps}", f"train.seed={a.seed}",
+              f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
               f"eval.max_windows={a.eval_windows}", f"eval.seq_len={a.eval_seq_len if a.eval_seq_len else 'null'}"]
     like = f"lora_like={Path(a.lqlr) / 'adapter'}"
     runs = {"lqlr": run_one("lqlr", a.lqlr, work, common, ["init=export", "requantize=true"])}
@@ -133,10 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     store = RESULTS / "finetune.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     settings = {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr,
-                "warmup_steps": a.warmup_steps, "seed": a.seed,
+                "warmup_steps": a.warmup_steps, "seed": a.seed, "gradient_checkpointing": a.gradient_checkpointing,
                 "eval_windows": a.eval_windows, "eval_seq_len": runs["lqlr"]["eval_tokens"] // a.eval_windows}
     keep = ("init", "base", "bits_per_param", "trainable_params", "ppl_before", "ppl_after", "ppl_requantized",
-            "train_s", "peak_rss_train_mb", "rss_before_train_mb", "reload_max_abs_diff", "losses", "train_tokens")
+            "train_s", "peak_rss_train_mb", "rss_before_train_mb", "weights_frozen_mb", "weights_trainable_mb", "reload_max_abs_diff", "losses", "train_tokens")
     results[a.label] = {"settings": settings, "runs": {n: {k: r.get(k) for k in keep} for n, r in runs.items()}}
     store.write_text(json.dumps(results, indent=1))
     write_tables(results)

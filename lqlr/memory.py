@@ -27,10 +27,33 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_mb() -> float:
     """Peak resident set size since the last reset (or since the process started), in MiB."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (NaN where /proc is not available)."""
+    return _status_mb("VmRSS")
+
+
+def module_memory_mb(module) -> dict[str, float]:
+    """MiB held by ``module``'s tensors: ``trainable`` parameters, ``frozen`` parameters and buffers
+    (shared tensors, e.g. tied embeddings, counted once)."""
+    seen: set[int] = set()
+    out = {"trainable": 0.0, "frozen": 0.0}
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out["trainable" if t.requires_grad else "frozen"] += t.numel() * t.element_size() / 2**20
+    return out
+
+
+def _status_mb(key: str) -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float("nan")

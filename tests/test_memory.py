@@ -1,0 +1,26 @@
+"""Memory accounting helpers against hand counts."""
+import torch
+from torch import nn
+
+from lqlr.memory import module_memory_mb, peak_rss_mb, reset_peak_rss, rss_mb
+
+
+def test_module_memory_counts_trainable_frozen_and_tied_once():
+    emb = nn.Embedding(100, 8)  # 800 fp32 = 3200 bytes
+    head = nn.Linear(8, 100, bias=False)
+    head.weight = emb.weight  # tied: counted once
+    lora = nn.Linear(8, 4, bias=False)  # 32 fp32 trainable = 128 bytes
+    model = nn.ModuleDict({"emb": emb, "head": head, "lora": lora})
+    model.register_buffer("codes", torch.zeros(1000, dtype=torch.uint8))  # 1000 bytes
+    emb.weight.requires_grad_(False)
+    mem = module_memory_mb(model)
+    assert mem["frozen"] * 2**20 == 3200 + 1000
+    assert mem["trainable"] * 2**20 == 128
+
+
+def test_peak_rss_sees_a_large_allocation_after_reset():
+    reset_peak_rss()
+    base = rss_mb()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+    assert peak_rss_mb() >= base + 60
+    del x
