@@ -3,6 +3,7 @@ reports its own peak (Linux: /proc/self/clear_refs "5" resets VmHWM; elsewhere r
 only grows)."""
 from __future__ import annotations
 
+import math
 import resource
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def reset_peak_rss() -> bool:
 def peak_rss_mb() -> float:
     """Peak resident set size since the last reset (or since the process started), in MiB."""
     hwm = _status_mb("VmHWM")
-    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return hwm if not math.isnan(hwm) else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_mb() -> float:
