@@ -159,36 +159,59 @@ class CostTable:
         return t
 
 
-def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]], sensitivity: dict[str, torch.Tensor],
-               menu: Menu, base: QLRConfig, fixed: dict[str, QLRConfig] | None = None,
-               progress: bool = True, use_hessian: bool = True) -> CostTable:
+def option_key(cfg: QLRConfig) -> str:
+    """A stable name of one menu option (every field of its configuration), for the cost cache."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def matrix_options(model: nn.Module, names: list[str], menu: Menu, base: QLRConfig,
+                   fixed: dict[str, QLRConfig] | None = None) -> dict[str, list[QLRConfig]]:
+    """The options offered to each named matrix: its ``fixed`` one, else the menu's for its shape."""
+    fixed = fixed or {}
+    return {n: [fixed[n]] if n in fixed else menu.options(base, *weight_of(model.get_submodule(n)).shape)
+            for n in names}
+
+
+def missing_options(opts: dict[str, list[QLRConfig]], known: dict[str, dict[str, float]]) -> dict[str, list[QLRConfig]]:
+    """The options of each matrix whose cost is not in ``known`` yet."""
+    return {n: [c for c in cs if option_key(c) not in known.get(n, {})] for n, cs in opts.items()}
+
+
+def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]] | None,
+               sensitivity: dict[str, torch.Tensor] | None, menu: Menu, base: QLRConfig,
+               fixed: dict[str, QLRConfig] | None = None, progress: bool = True, use_hessian: bool = True,
+               known: dict[str, dict[str, float]] | None = None, names: list[str] | None = None) -> CostTable:
     """Decompose every matrix with every menu option (``fixed``: matrices with one given option).
-    ``use_hessian=False`` decomposes under H = I (the cost is still measured under the real H)."""
+    ``use_hessian=False`` decomposes under H = I (the cost is still measured under the real H).
+    ``known``: costs already measured, {matrix: {option_key: cost}}; only the missing ones are
+    computed (``hessians``/``sensitivity`` may then be None if nothing is missing), and ``known``
+    is filled in place."""
     from .decompose import decompose
 
-    fixed = fixed or {}
-    names = list(hessians)
-
-    def options(n: str, shape) -> list[QLRConfig]:
-        return [fixed[n]] if n in fixed else menu.options(base, *shape)
-
-    table = CostTable(names=names, params=[], options=[], costs=[], bits=[])
-    work = sum(len(options(n, weight_of(model.get_submodule(n)).shape)) for n in names)
-    bar = tqdm(total=work, desc="cost table", disable=not progress)
+    known = {} if known is None else known
+    names = list(names if names is not None else hessians)
+    shapes = {n: tuple(weight_of(model.get_submodule(n)).shape) for n in names}
+    opts = matrix_options(model, names, menu, base, fixed)
+    todo = missing_options(opts, known)
+    work = sum(len(v) for v in todo.values())
+    if work and (hessians is None or sensitivity is None):
+        raise ValueError("cost_table: Hessians and sensitivities are needed for the options not in `known`")
+    bar = tqdm(total=work, desc="cost table", disable=not progress or not work)
     for n in names:
+        if not todo[n]:
+            continue
         W = weight_of(model.get_submodule(n)).detach().to(torch.float32)  # (out, in)
         H = hessians[n][0]
-        opts = options(n, W.shape)
-        costs = []
-        for cfg in opts:
-            costs.append(weighted_error(W, decompose(W, H if use_hessian else None, cfg).weight(), H, sensitivity[n]))
+        for cfg in todo[n]:
+            # cost of this option: the sensitivity-weighted output error of its decomposition of W
+            Wh = decompose(W, H if use_hessian else None, cfg).weight()
+            known.setdefault(n, {})[option_key(cfg)] = weighted_error(W, Wh, H, sensitivity[n])
             bar.update(1)
-        table.params.append(W.numel())
-        table.options.append(opts)
-        table.costs.append(costs)
-        table.bits.append([bits_per_param(*W.shape, c) for c in opts])
     bar.close()
-    return table
+    return CostTable(names=names, params=[shapes[n][0] * shapes[n][1] for n in names],
+                     options=[opts[n] for n in names],
+                     costs=[[known[n][option_key(c)] for c in opts[n]] for n in names],
+                     bits=[[bits_per_param(*shapes[n], c) for c in opts[n]] for n in names])
 
 
 def default_cache_dir() -> Path:
@@ -212,34 +235,37 @@ def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: floa
     """The allocator end to end on an uncompressed model: Hessians, sensitivities, cost table, MILP.
 
     ``prior="intrinsic_dimension"`` offers each matrix only ranks ≤ 2 × its block's TwoNN dimension.
-    ``cache_dir``: the cost table does not depend on the budget or the prior, so it is stored there
-    (keyed by a hash of the weights, calibration ids, method, menu and targets) and reused by the
-    next run with other budgets — the slow part is then skipped.
+    ``cache_dir``: costs do not depend on the budget or the prior, so every measured (matrix,
+    option) cost is stored there (one file per weights + calibration ids + targets, keyed inside by
+    the option's full configuration) and reused by later runs: other budgets cost nothing, and a
+    wider menu computes only its new options.
     """
     if prior not in PRIORS:
         raise ValueError(f"budget.prior={prior!r}: choose one of {PRIORS}")
     menu = menu or Menu()
     names = list(target_linears(model, targets))
-    table = None
+    known: dict[str, dict[str, float]] = {}
     path = None
     if cache_dir is not None:
         from .checkpoint import fingerprint
 
-        key = fingerprint(*[weight_of(model.get_submodule(n)).detach() for n in names], ids, base.to_dict(),
-                          menu.__dict__, names, use_hessian, {n: c.to_dict() for n, c in (fixed or {}).items()})
-        path = Path(cache_dir) / f"{key[:32]}.json"
+        key = fingerprint(*[weight_of(model.get_submodule(n)).detach() for n in names], ids, names, use_hessian)
+        path = Path(cache_dir) / f"{key[:32]}.costs.json"
         if path.is_file():
-            table = CostTable.from_dict(json.loads(path.read_text()))
-    if table is None:
+            known = json.loads(path.read_text())
+    if not any(missing_options(matrix_options(model, names, menu, base, fixed), known).values()):
+        # every option already measured: no Hessians, sensitivities or decompositions at all
+        table = cost_table(model, None, None, menu, base, fixed, progress, use_hessian, known, names)
+    else:
         hessians = capture_target_hessians(model, ids, names, progress=progress)
         sens = output_sensitivity(model, ids, names, progress=progress)
-        table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian)
+        table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian, known, names)
         del hessians
         if path is not None:
             from .export import atomic_write
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(table.to_dict())
+            text = json.dumps(known)
             atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     if prior == "intrinsic_dimension":
         from .diagnostics import rank_ceilings

@@ -1,5 +1,6 @@
 """Per-matrix plans: override rules, the output sensitivities, the cost table and the allocator end to end."""
 import itertools
+import sys
 
 import pytest
 import torch
@@ -159,14 +160,35 @@ def test_cost_table_is_cached_and_reused_across_budgets_and_priors(tmp_path, mon
     assert len(list(tmp_path.glob("*.json"))) == 1
 
     def boom(*a, **k):
-        raise AssertionError("the cached table should have been used")
+        raise AssertionError("the cached costs should have been used")
 
-    monkeypatch.setattr(A, "cost_table", boom)
+    monkeypatch.setattr(A, "capture_target_hessians", boom)
     plan2, t2 = auto_plan(model, ids, QLRConfig(group_size=32), 3.0, menu, progress=False, cache_dir=tmp_path)
     assert plan2 == plan1 and t2.costs == t1.costs
     plan3, _ = auto_plan(model, ids, QLRConfig(group_size=32), 2.6, menu, progress=False, cache_dir=tmp_path)
     assert plan3 != plan1  # another budget, same table
     with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.add_(1e-3)  # other weights: a new table is needed
-    with pytest.raises(AssertionError, match="cached table"):
+        model.model.layers[0].mlp.down_proj.weight.add_(1e-3)  # other weights: new costs are needed
+    with pytest.raises(AssertionError, match="cached costs"):
         auto_plan(model, ids, QLRConfig(group_size=32), 3.0, menu, progress=False, cache_dir=tmp_path)
+
+
+def test_a_wider_menu_computes_only_its_new_options_and_matches_a_fresh_table(tmp_path, monkeypatch):
+    D = sys.modules["lqlr.decompose"]  # (lqlr.decompose the attribute is the function)
+
+    model = _tiny()
+    ids = torch.randint(0, 97, (4, 32))
+    base = QLRConfig(group_size=32)
+    narrow, wide = Menu(bq=[2, 3], rank=[0, 8], group_size=[32]), Menu(bq=[2, 3], rank=[0, 8], group_size=[32, 16])
+    auto_plan(model, ids, base, 3.0, narrow, progress=False, cache_dir=tmp_path)
+    calls = []
+    real = D.decompose
+    monkeypatch.setattr(D, "decompose", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    _, cached = auto_plan(model, ids, base, 3.0, wide, progress=False, cache_dir=tmp_path)
+    assert calls and all(c.group_size == 16 for c in calls)  # only the new options were decomposed
+    n_new = sum(1 for opts in cached.options for o in opts if o.group_size == 16)
+    assert len(calls) == n_new
+    _, fresh = auto_plan(model, ids, base, 3.0, wide, progress=False, cache_dir=None)
+    assert fresh.options == cached.options and fresh.bits == cached.bits
+    for a, b in zip(fresh.costs, cached.costs):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
