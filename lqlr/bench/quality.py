@@ -29,6 +29,11 @@ BUDGETS = (2.25, 2.5, 3.0, 4.0)
 # cheap methods get extra budgets so their curves show their natural settings (e.g. 3- and 4-bit with groups)
 DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.0, 4.25)
 OURS = ("lqlr", "lqlr-auto", "lqlr-auto-id", "lqlr_q", "caldera")  # lqlr's presets; the rest are baselines
+
+
+def is_ours(method: str) -> bool:
+    """lqlr's own points (presets, and the allocator with any menu) as opposed to the baselines."""
+    return method in OURS or method.startswith("lqlr-auto")
 LABELS = {
     "rtn": "RTN (uniform, groups)", "nf": "RTN (NormalFloat grid)", "gptq": "GPTQ/LDLQ (k = 0)",
     "hqq": "HQQ (hqq package)", "bnb_nf4": "NF4 (bitsandbytes)",
@@ -76,9 +81,14 @@ def record_of(result: dict) -> Record:
             "eval_tokens", "settings", "mean_h_error", "n_matrices")
     rec = {k: result.get(k) for k in keys if k in result}
     rec["backend"] = rec.get("backend") or "lqlr"
+    label = None
     if result.get("budget_mode") == "auto":
         rec["method"] += "-auto" + ("-id" if result.get("budget_prior", "none") != "none" else "")
-    rec["label"] = LABELS.get(rec["method"], rec["method"])
+        groups = (result.get("config", {}).get("budget", {}).get("menu") or {}).get("group_size") or [64]
+        if list(groups) != [64]:  # a menu other than the default groups is its own line
+            rec["method"] += "-g" + "+".join(str(g) for g in groups)
+            label = f"{LABELS[rec['method'].split('-g')[0]]}, menu groups {', '.join(str(g) for g in groups)}"
+    rec["label"] = label or LABELS.get(rec["method"], rec["method"])
     cfg = result.get("config", {}).get("method", {})
     if rec["backend"] == "lqlr":
         rec["method_config"] = {k: cfg.get(k) for k in ("bq", "rank", "bl", "br", "group_size", "iters", "grid",
@@ -107,11 +117,11 @@ def losses(records: list[Record]) -> list[dict]:
     for model in sorted({r["model"] for r in records}):
         rows = [r for r in records if r["model"] == model and r.get("ppl") is not None and r["method"] != "reference"]
         for budget in BUDGETS:
-            ours = [r for r in rows if r["method"] in OURS and r["bits_per_param"] <= budget + 1e-9]
+            ours = [r for r in rows if is_ours(r["method"]) and r["bits_per_param"] <= budget + 1e-9]
             if not ours:
                 continue
             best = min(ours, key=lambda r: r["ppl"])
-            same_budget = [r for r in rows if r["method"] not in OURS and r["bits_per_param"] >= best["bits_per_param"]
+            same_budget = [r for r in rows if not is_ours(r["method"]) and r["bits_per_param"] >= best["bits_per_param"]
                            and (r.get("budget_bits") == budget or r["bits_per_param"] <= budget + 1e-9)]
             beaten_by = [r for r in same_budget
                          if r["ppl"] <= best["ppl"] or (r.get("kl") is not None and r["kl"] <= best["kl"])]
@@ -123,6 +133,8 @@ def summary(records: list[Record], model: str) -> str:
     """Compact table: one row per method, one column per budget of BUDGETS, cells "bits · ppl · KL"."""
     rows = [r for r in records if r["model"] == model and r["method"] != "reference" and r.get("ppl") is not None]
     order = [m for m in LABELS if any(r["method"] == m for r in rows)]
+    order += sorted({r["method"] for r in rows} - set(order))
+    label = {r["method"]: r["label"] for r in rows}
     lines = ["| method | " + " | ".join(f"budget {b:g}: bits · ppl · KL" for b in BUDGETS) + " |",
              "|---|" + "---:|" * len(BUDGETS)]
     for m in order:
@@ -130,7 +142,7 @@ def summary(records: list[Record], model: str) -> str:
         for b in BUDGETS:
             r = next((r for r in rows if r["method"] == m and r.get("budget_bits") == b), None)
             cells.append("–" if r is None else f"{r['bits_per_param']:.2f} · {r['ppl']:.2f} · {r['kl']:.3f}")
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label[m]} | " + " | ".join(cells) + " |")
     ref = next((r for r in records if r["model"] == model and r["method"] == "reference"), None)
     if ref:
         lines.append(f"| fp32 reference | ppl {ref['ppl']:.2f} | | | |")
@@ -189,10 +201,10 @@ def plot(records: list[Record], path: Path) -> None:
         for method in sorted({r["method"] for r in rows}):
             pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bits_per_param"])
             color = plt.cm.tab20(list(LABELS).index(method) % 20 if method in LABELS else 19)  # one colour per method
-            style = dict(marker="o", lw=2.5, color=color) if method in OURS else dict(marker=".", lw=1, ls="--", color=color)
+            style = dict(marker="o", lw=2.5, color=color) if is_ours(method) else dict(marker=".", lw=1, ls="--", color=color)
             x = [r["bits_per_param"] for r in pts]
-            row[0].plot(x, [r["ppl"] for r in pts], label=LABELS.get(method, method), **style)
-            row[1].plot(x, [r["kl"] for r in pts], label=LABELS.get(method, method), **style)
+            row[0].plot(x, [r["ppl"] for r in pts], label=pts[0]["label"], **style)
+            row[1].plot(x, [r["kl"] for r in pts], label=pts[0]["label"], **style)
         if ref:
             row[0].axhline(ref, color="k", lw=0.8, ls=":", label=f"fp32 reference ({ref:.2f})")
         for ax, name in zip(row, ("WikiText-2 perplexity", "KL to fp32 (nats/token)")):
