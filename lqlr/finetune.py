@@ -42,10 +42,13 @@ class FinetuneConfig:
     schedule: str = "cosine"  # cosine decay to 0 after warmup | constant after warmup
     max_grad_norm: float = 1.0  # 0 = no clipping
     gradient_checkpointing: bool = False  # recompute each decoder block in backward (less activation memory)
+    loss_chunk: int = 256  # tokens per chunk of LM head + loss, recomputed in backward (0: full logits at once)
     log_every: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.loss_chunk < 0:
+            raise ValueError(f"finetune loss_chunk={self.loss_chunk}: must be >= 0 (0 = no chunking)")
         for name in ("steps", "batch_size", "seq_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"finetune {name}={getattr(self, name)}: must be >= 1")
@@ -101,6 +104,33 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
+def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``ids`` (b, T), as ``model(input_ids=ids, labels=ids).loss``.
+
+    With ``chunk`` > 0 the LM head and the loss run on ``chunk`` tokens at a time, each recomputed in
+    backward, so the (b·T, vocab) logits are never held whole: on a 49k-vocabulary model they are
+    most of a LoRA step's activation memory. Models whose head does more than a linear map (logit
+    soft-capping or scaling) take the stock path.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    conf = getattr(base, "config", None)
+    plain_head = not any(getattr(conf, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    if chunk <= 0 or body is None or head is None or not plain_head:
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].reshape(-1, head.in_features)
+    target = ids[:, 1:].reshape(-1)
+
+    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # summed cross-entropy of one chunk
+        return nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+
+    total = sum(checkpoint(piece, h, y, use_reentrant=False) for h, y in zip(hidden.split(chunk), target.split(chunk)))
+    return total / target.numel()
+
+
 def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
           on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> TrainResult:
     """Minimise the next-token loss of ``model`` on ``windows`` (n, seq_len), ``cfg.batch_size`` rows per
@@ -128,7 +158,7 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
     bar = tqdm(range(cfg.steps), desc="fine-tune", disable=not progress)
     for step in bar:
         batch = windows[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)  # (b, T)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss = causal_lm_loss(model, batch, cfg.loss_chunk)
         loss.backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

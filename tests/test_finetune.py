@@ -257,3 +257,30 @@ def test_the_documented_command_writes_a_loadable_adapter(export, tmp_path):
     with pytest.raises(Exception, match="schedule"):
         with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
             OmegaConf.to_object(compose("finetune", overrides=[f"path={export}", "train.schedule=sideways"]))
+
+
+@pytest.mark.parametrize("chunk", [7, 32, 10_000])
+def test_chunked_loss_equals_the_stock_loss_and_its_gradients(export, chunk):
+    from lqlr.finetune import causal_lm_loss, trainable_parameters
+
+    model = prepare(export)
+    model.train()
+    batch = _windows(3, 24, seed=5)
+    stock = model(input_ids=batch, labels=batch, use_cache=False).loss  # transformers' own shift + mean CE
+    params = trainable_parameters(model)
+    g_stock = torch.autograd.grad(stock, params)
+    calls = []
+    hook = model.get_base_model().get_output_embeddings().register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    ours = causal_lm_loss(model, batch, chunk)
+    hook.remove()
+    assert len(calls) == math.ceil(3 * 23 / chunk)  # the head saw the tokens chunk by chunk, never all at once
+    g_ours = torch.autograd.grad(ours, params)
+    assert float(ours) == pytest.approx(float(stock), rel=1e-6)
+    for a, b in zip(g_ours, g_stock):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert causal_lm_loss(model, batch, 0).item() == pytest.approx(stock.item(), rel=1e-7)
+
+
+def test_negative_loss_chunk_is_refused():
+    with pytest.raises(ValueError, match="loss_chunk"):
+        FinetuneConfig(loss_chunk=-1)
