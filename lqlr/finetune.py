@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .memory import set_mmap_threshold
+
 log = logging.getLogger("lqlr.finetune")
 
 SCHEDULES = ("cosine", "constant")
@@ -42,11 +44,14 @@ class FinetuneConfig:
     schedule: str = "cosine"  # cosine decay to 0 after warmup | constant after warmup
     max_grad_norm: float = 1.0  # 0 = no clipping
     gradient_checkpointing: bool = False  # recompute each decoder block in backward (less activation memory)
+    mmap_threshold_kb: int = 0  # >0: blocks this large are mmapped and returned when freed (less RSS, slower)
     loss_chunk: int = 256  # tokens per chunk of LM head + loss, recomputed in backward (0: full logits at once)
     log_every: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.mmap_threshold_kb < 0:
+            raise ValueError(f"finetune mmap_threshold_kb={self.mmap_threshold_kb}: must be >= 0 (0 = allocator default)")
         if self.loss_chunk < 0:
             raise ValueError(f"finetune loss_chunk={self.loss_chunk}: must be >= 0 (0 = no chunking)")
         for name in ("steps", "batch_size", "seq_len", "log_every"):
@@ -150,6 +155,8 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
     device = params[0].device
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
+    if cfg.mmap_threshold_kb and not set_mmap_threshold(cfg.mmap_threshold_kb):
+        log.warning("mmap_threshold_kb=%d ignored: this C library has no mallopt", cfg.mmap_threshold_kb)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     result = TrainResult(trainable_params=sum(p.numel() for p in params))

@@ -26,6 +26,22 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def set_mmap_threshold(kib: int) -> bool:
+    """Serve every heap block of ``kib`` KiB or more by mmap, so it goes back to the OS when freed
+    (glibc ``mallopt(M_MMAP_THRESHOLD)``; also stops glibc raising the threshold by itself).
+
+    Training on a packed base dequantizes each Q' into a fresh multi-MB buffer twice per step;
+    glibc's default keeps such freed blocks in its heap, fragmented, and RSS grows by about the
+    dense weights' size. Costs page faults (slower steps). False where the C library has no mallopt.
+    """
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(kib) * 1024))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size since the last reset (or since the process started), in MiB."""
     hwm = _status_mb("VmHWM")

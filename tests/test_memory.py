@@ -24,3 +24,26 @@ def test_peak_rss_sees_a_large_allocation_after_reset():
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
     assert peak_rss_mb() >= base + 60
     del x
+
+
+def test_mmap_threshold_returns_freed_blocks_to_the_os():
+    import subprocess
+    import sys
+
+    # in a child process: the setting is process-wide and would slow the rest of the suite
+    code = """
+import ctypes, torch
+from lqlr.memory import rss_mb, set_mmap_threshold
+try:
+    ctypes.CDLL("libc.so.6").mallopt
+except (OSError, AttributeError):
+    raise SystemExit(0)  # not glibc: nothing to set
+assert set_mmap_threshold(128)
+base = rss_mb()
+for _ in range(8):
+    x = torch.ones(32 * 2**20 // 4)  # 32 MiB, touched, then freed
+    del x
+grew = rss_mb() - base
+assert grew < 16, grew  # each freed block went back to the OS (an mmapped block is unmapped on free)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
