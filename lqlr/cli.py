@@ -62,7 +62,7 @@ class MenuConf:
 
     bq: list[int] = field(default_factory=lambda: [2, 3, 4])
     rank: list[int] = field(default_factory=lambda: [0, 16, 64])
-    group_size: list[int] = field(default_factory=lambda: [64])
+    group_size: list[int] = field(default_factory=lambda: [64, 256])
     factor_bits: list[int] = field(default_factory=lambda: [4])
     iters: int = 1  # outer iterations used to estimate each option's cost
 

@@ -85,11 +85,12 @@ def test_an_allocator_menu_other_than_the_default_is_its_own_line_and_counts_as_
         return dict(model="m", method="lqlr", budget_bits=3.0, bits_per_param=3.0, ppl=30.0, kl=0.3, budget_mode="auto",
                     config={"budget": {"menu": {"group_size": groups}}, "method": {}})
 
-    default, wide = record_of(result([64])), record_of(result([64, 256]))
-    assert default["method"] == "lqlr-auto" and wide["method"] == "lqlr-auto-g64+256"
-    assert wide["label"] == "lqlr, allocator (budget=auto), menu groups 64, 256" and is_ours(wide["method"])
+    default, narrow = record_of(result([64, 256])), record_of(result([64]))
+    assert default["method"] == "lqlr-auto" and narrow["method"] == "lqlr-auto-g64"
+    assert narrow["label"] == "lqlr, allocator (budget=auto), menu groups 64" and is_ours(narrow["method"])
+    wide = default
     gptq = _rec("gptq", 3.09, 29.0, 0.35, budget=3.0)
     v = losses([wide, gptq])[0]
     assert v["best"] is wide and v["beaten_by"] == [gptq]
-    table = summary([default, wide, gptq], "m")
-    assert "| lqlr, allocator (budget=auto), menu groups 64, 256 | – | – | 3.00 · 30.00 · 0.300 | – |" in table
+    table = summary([narrow, gptq], "m")
+    assert "| lqlr, allocator (budget=auto), menu groups 64 | – | – | 3.00 · 30.00 · 0.300 | – |" in table

@@ -84,8 +84,10 @@ def record_of(result: dict) -> Record:
     label = None
     if result.get("budget_mode") == "auto":
         rec["method"] += "-auto" + ("-id" if result.get("budget_prior", "none") != "none" else "")
-        groups = (result.get("config", {}).get("budget", {}).get("menu") or {}).get("group_size") or [64]
-        if list(groups) != [64]:  # a menu other than the default groups is its own line
+        from ..allocate import DEFAULT_GROUPS
+
+        groups = (result.get("config", {}).get("budget", {}).get("menu") or {}).get("group_size") or DEFAULT_GROUPS
+        if tuple(groups) != DEFAULT_GROUPS:  # a menu other than the default groups is its own line
             rec["method"] += "-g" + "+".join(str(g) for g in groups)
             label = f"{LABELS[rec['method'].split('-g')[0]]}, menu groups {', '.join(str(g) for g in groups)}"
     rec["label"] = label or LABELS.get(rec["method"], rec["method"])
