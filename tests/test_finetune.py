@@ -276,8 +276,8 @@ def test_chunked_loss_equals_the_stock_loss_and_its_gradients(export, chunk):
     assert len(calls) == math.ceil(3 * 23 / chunk)  # the head saw the tokens chunk by chunk, never all at once
     g_ours = torch.autograd.grad(ours, params)
     assert float(ours) == pytest.approx(float(stock), rel=1e-6)
-    for a, b in zip(g_ours, g_stock):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(g_ours, g_stock):  # fp32, summed in another order: equal to rounding
+        assert float(torch.linalg.norm(a - b)) <= 1e-4 * float(torch.linalg.norm(b)) + 1e-9
     assert causal_lm_loss(model, batch, 0).item() == pytest.approx(stock.item(), rel=1e-7)
 
 
