@@ -257,20 +257,19 @@ def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: floa
         path = Path(cache_dir) / f"{key[:32]}.costs.json"
         if path.is_file():
             known = json.loads(path.read_text())
-    if not any(missing_options(matrix_options(model, names, menu, base, fixed), known).values()):
-        # every option already measured: no Hessians, sensitivities or decompositions at all
-        table = cost_table(model, None, None, menu, base, fixed, progress, use_hessian, known, names)
-    else:
+    missing = any(missing_options(matrix_options(model, names, menu, base, fixed), known).values())
+    hessians = sens = None
+    if missing:  # (every option already measured: no Hessians, sensitivities or decompositions at all)
         hessians = capture_target_hessians(model, ids, names, progress=progress)
         sens = output_sensitivity(model, ids, names, progress=progress)
-        table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian, known, names)
-        del hessians
-        if path is not None:
-            from .export import atomic_write
+    table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian, known, names)
+    del hessians
+    if missing and path is not None:
+        from .export import atomic_write
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(known)
-            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(known)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     if prior == "intrinsic_dimension":
         from .diagnostics import rank_ceilings
 

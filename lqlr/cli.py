@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from .allocate import DEFAULT_GROUPS
 from .config import QLRConfig
 from .memory import peak_rss_mb, reset_peak_rss
 
@@ -62,7 +63,7 @@ class MenuConf:
 
     bq: list[int] = field(default_factory=lambda: [2, 3, 4])
     rank: list[int] = field(default_factory=lambda: [0, 16, 64])
-    group_size: list[int] = field(default_factory=lambda: [64, 256])
+    group_size: list[int] = field(default_factory=lambda: list(DEFAULT_GROUPS))
     factor_bits: list[int] = field(default_factory=lambda: [4])
     iters: int = 1  # outer iterations used to estimate each option's cost
 

@@ -109,7 +109,7 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Mean next-token cross-entropy of ``ids`` (b, T), as ``model(input_ids=ids, labels=ids).loss``.
 
     With ``chunk`` > 0 the LM head and the loss run on ``chunk`` tokens at a time, each recomputed in

@@ -11,12 +11,11 @@ from pathlib import Path
 def reset_peak_rss() -> bool:
     """Reset the peak-RSS counter to the current RSS (after freeing what earlier runs left); False
     where the OS cannot."""
-    import ctypes
     import gc
 
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back so they do not count
+        _libc().malloc_trim(0)  # hand freed heap pages back so they do not count
     except (OSError, AttributeError):
         pass
     try:
@@ -34,10 +33,8 @@ def set_mmap_threshold(kib: int) -> bool:
     glibc's default keeps such freed blocks in its heap, fragmented, and RSS grows by about the
     dense weights' size. Costs page faults (slower steps). False where the C library has no mallopt.
     """
-    import ctypes
-
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(kib) * 1024))  # M_MMAP_THRESHOLD = -3
+        return bool(_libc().mallopt(-3, int(kib) * 1024))  # M_MMAP_THRESHOLD = -3
     except (OSError, AttributeError):
         return False
 
@@ -64,6 +61,13 @@ def module_memory_mb(module) -> dict[str, float]:
         seen.add(t.data_ptr())
         out["trainable" if t.requires_grad else "frozen"] += t.numel() * t.element_size() / 2**20
     return out
+
+
+def _libc():
+    """The C library (glibc on Linux); OSError where there is none to load."""
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")
 
 
 def _status_mb(key: str) -> float:

@@ -192,3 +192,13 @@ def test_a_wider_menu_computes_only_its_new_options_and_matches_a_fresh_table(tm
     assert fresh.options == cached.options and fresh.bits == cached.bits
     for a, b in zip(fresh.costs, cached.costs):
         assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+
+
+def test_menu_groups_wider_than_a_row_collapse_to_the_row():
+    from lqlr.cli import MenuConf
+
+    assert MenuConf().group_size == Menu().group_size  # the Hydra schema and the library agree
+    narrow = Menu(bq=[2, 3], rank=[0, 8], group_size=[64]).options(QLRConfig(), 48, 64)
+    wide = Menu(bq=[2, 3], rank=[0, 8], group_size=[64, 256]).options(QLRConfig(), 48, 64)
+    assert wide == narrow  # on a 64-wide matrix, groups of 256 are groups of 64: no duplicate options
+    assert {o.group_size for o in Menu(group_size=[64, 256]).options(QLRConfig(), 48, 512)} == {64, 256}

@@ -281,6 +281,8 @@ def test_chunked_loss_equals_the_stock_loss_and_its_gradients(export, chunk):
     assert causal_lm_loss(model, batch, 0).item() == pytest.approx(stock.item(), rel=1e-7)
 
 
-def test_negative_loss_chunk_is_refused():
+def test_negative_loss_chunk_or_mmap_threshold_is_refused():
     with pytest.raises(ValueError, match="loss_chunk"):
         FinetuneConfig(loss_chunk=-1)
+    with pytest.raises(ValueError, match="mmap_threshold_kb"):
+        FinetuneConfig(mmap_threshold_kb=-1)

@@ -30,10 +30,6 @@ BUDGETS = (2.25, 2.5, 3.0, 4.0)
 DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.0, 4.25)
 OURS = ("lqlr", "lqlr-auto", "lqlr-auto-id", "lqlr_q", "caldera")  # lqlr's presets; the rest are baselines
 
-
-def is_ours(method: str) -> bool:
-    """lqlr's own points (presets, and the allocator with any menu) as opposed to the baselines."""
-    return method in OURS or method.startswith("lqlr-auto")
 LABELS = {
     "rtn": "RTN (uniform, groups)", "nf": "RTN (NormalFloat grid)", "gptq": "GPTQ/LDLQ (k = 0)",
     "hqq": "HQQ (hqq package)", "bnb_nf4": "NF4 (bitsandbytes)",
@@ -41,6 +37,11 @@ LABELS = {
     "lqlr": "lqlr (Q + L·R, incoherence)", "lqlr-auto": "lqlr, allocator (budget=auto)",
     "lqlr-auto-id": "lqlr, allocator + TwoNN rank prior", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
 }
+
+
+def is_ours(method: str) -> bool:
+    """lqlr's own points (presets, and the allocator with any menu) as opposed to the baselines."""
+    return method in OURS or method.startswith("lqlr-auto")
 
 
 def sweeps(quick: bool = False) -> list[tuple]:
@@ -88,8 +89,8 @@ def record_of(result: dict) -> Record:
 
         groups = (result.get("config", {}).get("budget", {}).get("menu") or {}).get("group_size") or DEFAULT_GROUPS
         if tuple(groups) != DEFAULT_GROUPS:  # a menu other than the default groups is its own line
+            label = f"{LABELS[rec['method']]}, menu groups {', '.join(str(g) for g in groups)}"
             rec["method"] += "-g" + "+".join(str(g) for g in groups)
-            label = f"{LABELS[rec['method'].split('-g')[0]]}, menu groups {', '.join(str(g) for g in groups)}"
     rec["label"] = label or LABELS.get(rec["method"], rec["method"])
     cfg = result.get("config", {}).get("method", {})
     if rec["backend"] == "lqlr":
