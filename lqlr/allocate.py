@@ -41,16 +41,19 @@ DEFAULT_GROUPS = (64, 256)
 @dataclass
 class Menu:
     """The options each matrix may take: the product of these lists (BL = BR = ``factor_bits``);
-    rank-0 options ignore the factor bits. ``iters``: outer iterations used to estimate each cost."""
+    rank-0 options ignore the factor bits. ``iters``: outer iterations used to estimate each cost.
+    ``incoherence``: whether each matrix may take the rotation (None: the method's setting for all;
+    [false, true]: each matrix is decomposed both ways and the allocator picks)."""
 
     bq: list[int] = field(default_factory=lambda: [2, 3, 4])
     rank: list[int] = field(default_factory=lambda: [0, 16, 64])
     group_size: list[int] = field(default_factory=lambda: list(DEFAULT_GROUPS))
     factor_bits: list[int] = field(default_factory=lambda: [4])
     iters: int = 1
+    incoherence: list[bool] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("bq", "rank", "group_size", "factor_bits"):
+        for name in ("bq", "rank", "group_size", "factor_bits", *(("incoherence",) if self.incoherence is not None else ())):
             if not getattr(self, name):
                 raise ValueError(f"budget.menu.{name} is empty: give at least one value")
         if self.iters < 1:
@@ -59,14 +62,16 @@ class Menu:
     def options(self, base: QLRConfig, out_features: int, in_features: int) -> list[QLRConfig]:
         """Distinct valid configurations for an (out × in) matrix, built on ``base`` (grids, incoherence…)."""
         seen, out = set(), []
-        for bq, k, g, fb in itertools.product(self.bq, self.rank, self.group_size, self.factor_bits):
+        rotations = [bool(r) for r in self.incoherence] if self.incoherence is not None else [base.incoherence]
+        for bq, k, g, fb, rot in itertools.product(self.bq, self.rank, self.group_size, self.factor_bits, rotations):
             k = min(k, out_features, in_features)
             g = min(g, in_features)  # a group wider than the row is the whole row
-            key = (bq, k, g, fb if k else None)
+            key = (bq, k, g, fb if k else None, rot)
             if key in seen or (base.grid == "nf" and bq > 4):
                 continue
             seen.add(key)
-            out.append(replace(base, bq=bq, rank=k, group_size=g, bl=fb, br=fb, iters=self.iters if k else 1))
+            out.append(replace(base, bq=bq, rank=k, group_size=g, bl=fb, br=fb, iters=self.iters if k else 1,
+                               incoherence=rot))
         return out
 
 

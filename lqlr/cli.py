@@ -66,6 +66,7 @@ class MenuConf:
     group_size: list[int] = field(default_factory=lambda: list(DEFAULT_GROUPS))
     factor_bits: list[int] = field(default_factory=lambda: [4])
     iters: int = 1  # outer iterations used to estimate each option's cost
+    incoherence: Optional[list[bool]] = None  # null: the method's setting; [false, true]: each matrix picks (2× the cost table)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class MainConf:
     eval: EvalConf = field(default_factory=EvalConf)
     export: ExportConf = field(default_factory=ExportConf)
     output_dir: Optional[str] = None  # null: <hydra run dir>/model
-    resume: bool = True  # checkpoint each finished block next to output_dir; a rerun after a crash resumes
+    resume: bool = True  # checkpoint each finished block next to output_dir; a rerun after a crash resumes, a finished run is skipped
     runner: str = "local"  # local (this process) | ray (one Ray task per matrix; same bytes as local)
     threads: Optional[int] = None  # intra-op threads per matrix decomposition, both runners (null: torch's default)
     ray: RayConf = field(default_factory=RayConf)
@@ -183,6 +184,22 @@ def evaluate_model(model, reference, tokenizer, cfg: EvalConf, progress: bool) -
     return out
 
 
+def finished_result(cfg: MainConf, run_dir: Path) -> Optional[dict]:
+    """With ``resume=true``: the stored result of a finished run of exactly this config in ``run_dir``
+    (so rerunning an interrupted multirun only runs the missing points), else None."""
+    path = run_dir / "result.json"
+    if not cfg.resume or not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a torn or foreign file: run again and overwrite it
+    if not isinstance(old, dict) or old.get("config") != json.loads(json.dumps(asdict(cfg))):
+        return None
+    log.warning("%s already holds the result of this config: skipped (resume=false or delete it to recompute)", path)
+    return old
+
+
 def run(cfg: MainConf, run_dir: Path) -> dict:
     """The whole job: load, calibrate, compress, export, evaluate; returns the result record."""
     from .compress import CompressConfig, summary_table
@@ -192,6 +209,9 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     from .pipeline import compress
     from .runners import check_runner, make_runner
 
+    done = finished_result(cfg, run_dir)
+    if done is not None:  # a rerun sweep skips the points it already has
+        return done
     t_start = time.perf_counter()
     reset_peak_rss()  # each run of an in-process multirun reports its own peak
     torch.manual_seed(cfg.seed)

@@ -293,7 +293,7 @@ def requantize_factors(B: torch.Tensor, A: torch.Tensor, module) -> dict[str, to
 
     spec = module.spec
     if module.rank == 0 or "l" not in spec:
-        raise ValueError(f"module with spec rank 0 has no L, R bit budget: requantize needs an export with L, R "
+        raise ValueError("module with spec rank 0 has no L, R bit budget: requantize needs an export with L, R "
                          "(rank > 0), e.g. from method=lqlr")
     if B.shape[1] != module.rank or A.shape[0] != module.rank:
         raise ValueError(f"adapter rank {B.shape[1]} differs from the export's rank {module.rank}: "

@@ -1,6 +1,7 @@
 """Per-matrix plans: override rules, the output sensitivities, the cost table and the allocator end to end."""
 import itertools
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -202,3 +203,40 @@ def test_menu_groups_wider_than_a_row_collapse_to_the_row():
     wide = Menu(bq=[2, 3], rank=[0, 8], group_size=[64, 256]).options(QLRConfig(), 48, 64)
     assert wide == narrow  # on a 64-wide matrix, groups of 256 are groups of 64: no duplicate options
     assert {o.group_size for o in Menu(group_size=[64, 256]).options(QLRConfig(), 48, 512)} == {64, 256}
+
+
+def test_menu_rotation_choice_is_a_superset_of_both_settings(tmp_path):
+    from lqlr.compress import CompressConfig, compress_model
+    from lqlr.export import read_manifest, save_compressed
+
+    model = _tiny()
+    ids = torch.randint(0, 97, (4, 32))
+    base = QLRConfig(group_size=32, incoherence=True)
+    both = Menu(bq=[2, 3, 4], rank=[0], group_size=[32], incoherence=[False, True])
+    opts = both.options(base, 64, 64)
+    assert sorted((o.bq, o.incoherence) for o in opts) == sorted(itertools.product([2, 3, 4], [False, True]))
+    assert Menu(bq=[2], rank=[0], group_size=[32]).options(base, 64, 64)[0].incoherence is True  # None: the method's
+    costs = {}
+    for rot in (False, True):  # each setting alone, from a fresh table
+        plan, table = auto_plan(model, ids, replace(base, incoherence=rot), 2.75, Menu(bq=[2, 3, 4], rank=[0], group_size=[32]),
+                                progress=False)
+        costs[rot] = (table, plan)
+    plan, table = auto_plan(model, ids, base, 2.75, both, progress=False)
+    for i, n in enumerate(table.names):  # the mixed table holds exactly both single-setting tables' costs
+        for o, c in zip(table.options[i], table.costs[i]):
+            t = costs[o.incoherence][0]
+            assert c == pytest.approx(t.costs[i][t.options[i].index(o)], rel=1e-9)
+
+    def total(p, t):
+        return sum(t.costs[i][t.options[i].index(replace(p[n], iters=1))] for i, n in enumerate(t.names))
+
+    mixed = total(plan, table)
+    assert len({c.incoherence for c in plan.values()}) == 2  # (on this model the allocator uses both)
+    assert mixed <= min(total(p, t) for t, p in costs.values()) * (1 + 1e-9)
+    reports = compress_model(model, ids, CompressConfig(qlr=base), plan=plan.__getitem__, progress=False)
+    save_compressed(model, tmp_path / "m", source={"model": "tiny"}, reports=reports)
+    man = read_manifest(tmp_path / "m")
+    for n, m in man["modules"].items():  # the rotation each matrix was given is the one stored
+        assert (m["spec"]["rotation"] is not None) == plan[n].incoherence
+        assert m["bits_per_param"] == pytest.approx(bits_per_param(*m["shape"], plan[n]))
+

@@ -61,6 +61,28 @@ def test_run_writes_export_and_result(tmp_path, method, budget):
     assert result["ppl"] > result["ppl_reference"] * 0.98 and result["kl"] > 0
 
 
+def test_a_finished_run_is_skipped_when_rerun_with_the_same_config(tmp_path, monkeypatch):
+    import dataclasses
+
+    import lqlr.pipeline
+
+    cfg = _compose(SMALL + ["method=rtn", "budget.bits=3", f"output_dir={tmp_path / 'out'}"])
+    first = run(cfg, tmp_path)
+
+    def no_compress(*a, **k):
+        raise AssertionError("compressed again")
+
+    monkeypatch.setattr(lqlr.pipeline, "compress", no_compress)
+    again = run(cfg, tmp_path)  # an interrupted multirun, rerun: the finished point is not recomputed
+    assert again == json.loads(json.dumps(first))
+    for changed in (dataclasses.replace(cfg, resume=False), dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_windows=1))):
+        with pytest.raises(AssertionError, match="compressed again"):  # another config, or resume=false: run it
+            run(changed, tmp_path)
+    (tmp_path / "result.json").write_text('{"model": "stories')  # a torn file is not a result
+    with pytest.raises(AssertionError, match="compressed again"):
+        run(cfg, tmp_path)
+
+
 @pytest.mark.slow
 def test_multirun_sweep_writes_one_result_per_run(tmp_path):
     cmd = [sys.executable, "-m", "lqlr.cli", "-m", *SMALL, "method=rtn,gptq", "method.bq=3",

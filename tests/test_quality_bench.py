@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lqlr.bench import main as bench_main
-from lqlr.bench.quality import collect, losses, markdown, sweep_command, sweeps
+from lqlr.bench.quality import collect, losses, sweep_command, sweeps
 
 
 def _rec(method, bits, ppl, kl, model="m", budget=None):
@@ -76,6 +76,11 @@ def test_quick_sweep_on_stories260k_end_to_end(tmp_path):
     assert by[("gptq", 4.0)]["kl"] < by[("gptq", 2.5)]["kl"]  # more bits, closer to the reference
     assert (tmp_path / "r" / "quality_quick.png").is_file()
     assert collect(tmp_path / "w") == recs
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("result.json")}
+    bench_main(["quality", "--quick", "--models", "stories260k", "--work-dir", str(tmp_path / "w"),
+                "--out", str(tmp_path / "r"), "--override", "eval.max_windows=2", "data.n_samples=8"])
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("result.json")} == stamps  # rerun: nothing redone
+    assert json.loads((tmp_path / "r" / "quality_quick.json").read_text())["records"] == recs
 
 
 def test_an_allocator_menu_other_than_the_default_is_its_own_line_and_counts_as_lqlr():
@@ -87,6 +92,12 @@ def test_an_allocator_menu_other_than_the_default_is_its_own_line_and_counts_as_
 
     default, narrow = record_of(result([64, 256])), record_of(result([64]))
     assert default["method"] == "lqlr-auto" and narrow["method"] == "lqlr-auto-g64"
+    rot = result([64, 256])
+    rot["config"]["budget"]["menu"]["incoherence"] = [False, True]
+    assert record_of(rot)["method"] == "lqlr-auto-rot" and is_ours("lqlr-auto-rot")
+    assert record_of(rot)["label"] == "lqlr, allocator (budget=auto), rotation chosen per matrix"
+    rot["config"]["budget"]["menu"]["incoherence"] = [True]  # one setting is not a choice
+    assert record_of(rot)["method"] == "lqlr-auto"
     assert narrow["label"] == "lqlr, allocator (budget=auto), menu groups 64" and is_ours(narrow["method"])
     wide = default
     gptq = _rec("gptq", 3.09, 29.0, 0.35, budget=3.0)

@@ -87,10 +87,17 @@ def record_of(result: dict) -> Record:
         rec["method"] += "-auto" + ("-id" if result.get("budget_prior", "none") != "none" else "")
         from ..allocate import DEFAULT_GROUPS
 
-        groups = (result.get("config", {}).get("budget", {}).get("menu") or {}).get("group_size") or DEFAULT_GROUPS
-        if tuple(groups) != DEFAULT_GROUPS:  # a menu other than the default groups is its own line
-            label = f"{LABELS[rec['method']]}, menu groups {', '.join(str(g) for g in groups)}"
-            rec["method"] += "-g" + "+".join(str(g) for g in groups)
+        menu = result.get("config", {}).get("budget", {}).get("menu") or {}
+        groups = menu.get("group_size") or DEFAULT_GROUPS
+        rotations = menu.get("incoherence")
+        extras = []  # a menu other than the default is its own line
+        if tuple(groups) != DEFAULT_GROUPS:
+            extras.append((f"menu groups {', '.join(str(g) for g in groups)}", "-g" + "+".join(str(g) for g in groups)))
+        if rotations is not None and len(set(rotations)) > 1:
+            extras.append(("rotation chosen per matrix", "-rot"))
+        if extras:
+            label = ", ".join([LABELS[rec["method"]], *(e[0] for e in extras)])
+            rec["method"] += "".join(e[1] for e in extras)
     rec["label"] = label or LABELS.get(rec["method"], rec["method"])
     cfg = result.get("config", {}).get("method", {})
     if rec["backend"] == "lqlr":
