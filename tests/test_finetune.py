@@ -286,3 +286,23 @@ def test_negative_loss_chunk_or_mmap_threshold_is_refused():
         FinetuneConfig(loss_chunk=-1)
     with pytest.raises(ValueError, match="mmap_threshold_kb"):
         FinetuneConfig(mmap_threshold_kb=-1)
+
+
+@pytest.mark.slow
+def test_compare_script_passes_gradient_checkpointing_to_its_runs(export, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("ft_compare", root / "experiments" / "finetune_compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    compare.RESULTS = tmp_path / "results"  # never the repository's results/
+    compare.main(["--label", "tiny", "--lqlr", str(export), "--no-fp32", "--work", str(tmp_path / "w"), "--steps", "2",
+                  "--batch-size", "2", "--seq-len", "32", "--eval-seq-len", "64", "--eval-windows", "1",
+                  "--gradient-checkpointing"])
+    run = json.loads((tmp_path / "w" / "lqlr" / "finetune.json").read_text())
+    assert run["config"]["train"]["gradient_checkpointing"] is True and len(run["losses"]) == 2
+    stored = json.loads((tmp_path / "results" / "finetune.json").read_text())["tiny"]
+    assert stored["settings"]["gradient_checkpointing"] is True
+    assert "gradient checkpointing" in (tmp_path / "results" / "finetune.md").read_text()
