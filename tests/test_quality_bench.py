@@ -39,7 +39,7 @@ def test_table_and_plot_are_rebuilt_from_the_json(tmp_path):
     assert (tmp_path / "out" / "quality.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("i", range(5))
+@pytest.mark.parametrize("i", range(len(sweeps())))
 def test_every_sweep_composes(i):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -105,3 +105,49 @@ def test_an_allocator_menu_other_than_the_default_is_its_own_line_and_counts_as_
     assert v["best"] is wide and v["beaten_by"] == [gptq]
     table = summary([narrow, gptq], "m")
     assert "| lqlr, allocator (budget=auto), menu groups 64 | – | – | 3.00 · 30.00 · 0.300 | – |" in table
+
+
+def test_seeds_are_averaged_with_their_spread_and_kept_apart_from_the_single_seed_sweep(tmp_path):
+    import math
+
+    from lqlr.bench.quality import markdown, seed_means
+
+    def result(method, seed, ppl, kl, bits=3.0):
+        return {"model": "m", "method": method, "budget_bits": 3.0, "bits_per_param": bits, "ppl": ppl, "kl": kl,
+                "ppl_reference": 20.0, "config": {"seed": seed, "method": {}}}
+
+    runs = {"sweep0/0": result("gptq", 0, 50.0, 0.5, 3.1),
+            "seeds/sweep0/0": result("gptq", 1, 40.0, 0.4, 3.1), "seeds/sweep0/1": result("gptq", 2, 90.0, 0.6, 3.1),
+            "seeds/sweep1/0": result("lqlr", 1, 30.0, 0.3), "seeds/sweep1/1": result("lqlr", 2, 120.0, 0.5)}
+    for d, r in runs.items():
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "result.json").write_text(json.dumps(r))
+    single, seeded = collect(tmp_path), collect(tmp_path, seeded=True)
+    assert [(r["method"], r["seed"]) for r in single if r["method"] != "reference"] == [("gptq", 0)]
+    assert sorted((r["method"], r["seed"]) for r in seeded if r["method"] != "reference") == [
+        ("gptq", 1), ("gptq", 2), ("lqlr", 1), ("lqlr", 2)]
+    means = {r["method"]: r for r in seed_means(seeded)}
+    assert means["gptq"]["ppl"] == pytest.approx(60.0) and means["lqlr"]["ppl"] == pytest.approx(60.0)  # √(40·90), √(30·120)
+    assert means["gptq"]["kl"] == pytest.approx(0.5) and means["lqlr"]["kl_range"] == [0.3, 0.5]
+    assert means["lqlr"]["seeds"] == [1, 2] and "seed" not in means["lqlr"]
+    assert math.isclose(means["reference"]["ppl"], 20.0)
+    md = markdown(seeded)
+    assert "| m | lqlr (Q + L·R, incoherence) | 3 | 1, 2 | 3.000 | 60.00 | 30.00–120.00 (150 %) | 0.400 | 0.300–0.500 |" in md
+    # the verdict uses the means: equal perplexity at more bits counts as a loss for lqlr
+    v = losses(seed_means(seeded))[0]
+    assert v["best"]["method"] == "lqlr" and [r["method"] for r in v["beaten_by"]] == ["gptq"]
+
+
+def test_seeded_sweeps_go_to_their_own_folder_with_the_seed_overrides(tmp_path, monkeypatch):
+    import subprocess
+
+    from lqlr.bench.quality import run_sweeps
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    run_sweeps("stories260k", tmp_path, only=[0], seeds=[0, 3])
+    (cmd,) = calls
+    assert f"hydra.sweep.dir={tmp_path / 'seeds' / 'sweep0'}" in cmd
+    assert "seed=0,3" in cmd and "data.seed=${seed}" in cmd
+    run_sweeps("stories260k", tmp_path, only=[0])
+    assert f"hydra.sweep.dir={tmp_path / 'sweep0'}" in calls[1] and not any(a.startswith("seed=") for a in calls[1])

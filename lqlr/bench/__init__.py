@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--quick", action="store_true", help="4 methods × 2 budgets")
     q.add_argument("--work-dir", default="outputs/quality", help="where the sweeps' run folders go")
     q.add_argument("--sweeps", type=int, nargs="+", default=None, help="run only these sweeps (indices, see quality.sweeps)")
+    q.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every point once per seed (rotations and calibration sample); writes quality_seeds.*")
     q.add_argument("--collect-only", action="store_true", help="only gather the result.json files under --work-dir")
     q.add_argument("--from-json", default=None, help="rewrite the table and plot from a quality JSON")
     q.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run, e.g. eval.max_windows=8")

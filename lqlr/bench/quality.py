@@ -28,6 +28,7 @@ Record = dict[str, Any]
 BUDGETS = (2.25, 2.5, 3.0, 4.0)
 # cheap methods get extra budgets so their curves show their natural settings (e.g. 3- and 4-bit with groups)
 DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.0, 4.25)
+SEEDS_DIR = "seeds"  # runs of `--seeds` live in <work-dir>/<model>/seeds/, apart from the single-seed sweep
 OURS = ("lqlr", "lqlr-auto", "lqlr-auto-id", "lqlr_q", "caldera")  # lqlr's presets; the rest are baselines
 
 LABELS = {
@@ -35,7 +36,8 @@ LABELS = {
     "hqq": "HQQ (hqq package)", "bnb_nf4": "NF4 (bitsandbytes)",
     "loftq": "LoftQ (lqlr preset: H = I, NF Q, fp16 factors)", "caldera": "lqlr caldera (2-bit Q + L·R, T = 20)",
     "lqlr": "lqlr (Q + L·R, incoherence)", "lqlr-auto": "lqlr, allocator (budget=auto)",
-    "lqlr-auto-id": "lqlr, allocator + TwoNN rank prior", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
+    "lqlr-auto-id": "lqlr, allocator + TwoNN rank prior",
+    "lqlr-auto-rot": "lqlr, allocator (budget=auto), rotation chosen per matrix", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
 }
 
 
@@ -45,13 +47,14 @@ def is_ours(method: str) -> bool:
 
 
 def sweeps(quick: bool = False) -> list[tuple]:
-    """(methods, budgets[, extra overrides]) of each Hydra multirun of the benchmark; the last one runs
-    lqlr's global allocator (budget=auto) at the same budgets."""
+    """(methods, budgets[, extra overrides]) of each Hydra multirun of the benchmark; the last three run
+    lqlr's global allocator (budget=auto): default menu, TwoNN rank prior, rotation chosen per matrix."""
     if quick:
         return [(("rtn", "gptq", "hqq", "lqlr"), (2.5, 4.0))]
     return [(("lqlr", "lqlr_q", "caldera", "loftq"), BUDGETS), (("gptq", "rtn", "nf", "hqq"), DENSE_BUDGETS),
             (("bnb_nf4",), (4.0,)), (("lqlr",), BUDGETS, ["budget=auto"]),
-            (("lqlr",), (2.5, 3.0), ["budget=auto", "budget.prior=intrinsic_dimension"])]
+            (("lqlr",), (2.5, 3.0), ["budget=auto", "budget.prior=intrinsic_dimension"]),
+            (("lqlr",), BUDGETS, ["budget=auto", "budget.menu.incoherence=[false,true]"])]
 
 
 def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ...], sweep_dir: Path,
@@ -62,13 +65,17 @@ def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ..
 
 
 def run_sweeps(model: str, work_dir: Path, quick: bool = False, extra: list[str] | None = None,
-               only: list[int] | None = None) -> None:
+               only: list[int] | None = None, seeds: list[int] | None = None) -> None:
     """Launch the sweeps (``only``: their indices, in that order), one subprocess each, so a crash in one
-    does not lose the others."""
+    does not lose the others. ``seeds``: every point once per seed (rotations and the calibration sample
+    both follow it), in ``work_dir/seeds/``."""
     every = sweeps(quick)
+    base = work_dir / SEEDS_DIR if seeds else work_dir
+    per_seed = [f"seed={','.join(str(s) for s in seeds)}", "data.seed=${seed}"] if seeds else []
     for i in (range(len(every)) if only is None else only):
         methods, budgets, *more = every[i]
-        cmd = sweep_command(model, methods, budgets, work_dir / f"sweep{i}", [*(more[0] if more else []), *(extra or [])])
+        cmd = sweep_command(model, methods, budgets, base / f"sweep{i}",
+                            [*(more[0] if more else []), *per_seed, *(extra or [])])
         print("+ lqlr-compress", " ".join(cmd[3:]), flush=True)
         rc = subprocess.run(cmd, env={**os.environ, "HYDRA_FULL_ERROR": "1"}).returncode
         if rc:  # the finished runs of this sweep are kept; the others still run
@@ -82,6 +89,7 @@ def record_of(result: dict) -> Record:
             "eval_tokens", "settings", "mean_h_error", "n_matrices")
     rec = {k: result.get(k) for k in keys if k in result}
     rec["backend"] = rec.get("backend") or "lqlr"
+    rec["seed"] = result.get("config", {}).get("seed")
     label = None
     if result.get("budget_mode") == "auto":
         rec["method"] += "-auto" + ("-id" if result.get("budget_prior", "none") != "none" else "")
@@ -106,9 +114,11 @@ def record_of(result: dict) -> Record:
     return rec
 
 
-def collect(work_dir: Path) -> list[Record]:
-    """Records of every finished run under ``work_dir`` (plus one fp32 reference per model)."""
-    results = [json.loads(p.read_text()) for p in sorted(work_dir.rglob("result.json"))]
+def collect(work_dir: Path, seeded: bool = False) -> list[Record]:
+    """Records of every finished run under ``work_dir`` (plus one fp32 reference per model); ``seeded``:
+    those of the ``--seeds`` sweeps instead of the single-seed ones."""
+    paths = [p for p in sorted(work_dir.rglob("result.json")) if (SEEDS_DIR in p.relative_to(work_dir).parts) == seeded]
+    results = [json.loads(p.read_text()) for p in paths]
     records = [record_of(r) for r in results if "infeasible" not in r]
     records.sort(key=lambda r: (r["model"], r["method"], r["bits_per_param"]))
     for model in sorted({r["model"] for r in records}):
@@ -117,6 +127,45 @@ def collect(work_dir: Path) -> list[Record]:
             records.append(dict(model=model, method="reference", label=LABELS["reference"], backend="none",
                                 bits_per_param=32.0, ppl=refs[0], kl=0.0))
     return records
+
+
+def seed_means(records: list[Record]) -> list[Record]:
+    """One record per (model, method, budget): with several seeds, their mean bits and KL, the perplexity
+    of their mean log-likelihood (geometric mean), each metric's [min, max] and the seeds."""
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["method"], r.get("budget_bits")), []).append(r)
+    out = []
+    for rs in groups.values():
+        if len(rs) == 1:
+            out.append(rs[0])
+            continue
+        m = {k: v for k, v in rs[0].items() if k != "seed"}
+        m["seeds"] = sorted(r.get("seed") for r in rs)
+        for key in ("bits_per_param", "ppl", "kl", "compress_s", "wall_s", "peak_rss_mb", "size_on_disk_bytes"):
+            vals = [r[key] for r in rs if finite(r.get(key))]
+            if not vals:
+                continue
+            mean = (math.exp(sum(math.log(v) for v in vals) / len(vals)) if key == "ppl" and min(vals) > 0
+                    else sum(vals) / len(vals))
+            m[key], m[key + "_range"] = mean, [min(vals), max(vals)]
+        out.append(m)
+    return out
+
+
+def spread(records: list[Record]) -> str:
+    """Per point with several seeds: the range of its perplexity and KL (how far apart two methods must be
+    before the difference means something)."""
+    rows = [r for r in seed_means(records) if r.get("seeds")]
+    lines = ["| model | method | budget | seeds | all-in bits | ppl (geo. mean) | ppl min–max | KL mean | KL min–max |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r.get("budget_bits") or 0, r["bits_per_param"])):
+        lo, hi = r["ppl_range"]
+        klo, khi = r["kl_range"]
+        lines.append(f"| {r['model']} | {r['label']} | {r.get('budget_bits'):g} | {', '.join(str(s) for s in r['seeds'])} | "
+                     f"{r['bits_per_param']:.3f} | {r['ppl']:.2f} | {lo:.2f}–{hi:.2f} ({100 * (hi - lo) / r['ppl']:.0f} %) | "
+                     f"{r['kl']:.3f} | {klo:.3f}–{khi:.3f} |")
+    return "\n".join(lines)
 
 
 def losses(records: list[Record]) -> list[dict]:
@@ -160,8 +209,15 @@ def summary(records: list[Record], model: str) -> str:
 
 
 def markdown(records: list[Record], command: str = "") -> str:
-    """Tables per model (a summary by budget, every point sorted by bits) and the per-budget verdict."""
+    """Tables per model (a summary by budget, every point sorted by bits) and the per-budget verdict;
+    points run with several seeds enter as their seed means, and their spread gets its own table."""
+    seeded = any(r.get("seeds") for r in seed_means(records))
+    records = seed_means(records)
     lines = []
+    if seeded:
+        lines += ["Points run with several seeds (`seed` and `data.seed`: rotations and calibration sample) are their",
+                  "means below (bits and KL: mean; ppl: of the mean log-likelihood).", "", "### Spread over seeds", "",
+                  spread(records), ""]
     for model in sorted({r["model"] for r in records}):
         rows = sorted((r for r in records if r["model"] == model), key=lambda r: (r["bits_per_param"], r["method"]))
         ctx = next((r.get("eval_seq_len") for r in rows if r.get("eval_seq_len")), None)
@@ -203,6 +259,7 @@ def plot(records: list[Record], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = seed_means(records)
     models = sorted({r["model"] for r in records})
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
     for row, model in zip(axes, models):
@@ -247,7 +304,8 @@ def main_args(args) -> None:
     import time
 
     out = Path(args.out)
-    name = "quality_quick" if args.quick else "quality"
+    seeds = getattr(args, "seeds", None)
+    name = ("quality_quick" if args.quick else "quality") + ("_seeds" if seeds else "")
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         write(data["records"], out, Path(args.from_json).stem, data["meta"])
@@ -256,8 +314,8 @@ def main_args(args) -> None:
     t0 = time.perf_counter()
     if not args.collect_only:
         for model in args.models:
-            run_sweeps(model, work / model, args.quick, args.override, args.sweeps)
-    records = collect(work)
+            run_sweeps(model, work / model, args.quick, args.override, args.sweeps, seeds)
+    records = collect(work, seeded=bool(seeds))
     if not records:
         sys.exit(f"no result.json under {work}: run without --collect-only first")
     meta = dict(command="lqlr-bench " + " ".join(getattr(args, "argv", sys.argv[1:])), models=args.models, quick=args.quick,
