@@ -12,6 +12,11 @@ Methods (``configs/method``): ``rtn``, ``nf`` (round-to-nearest, uniform and Nor
 ``lqlr_q`` (k = 0 with incoherence).
 Q-only methods and peers cannot hit every budget: they run at the setting whose all-in bits are
 nearest to it (``budget.fit=nearest``) and are plotted at their real bits.
+
+A run that already has its ``result.json`` (same config) is skipped, so rerunning the command after
+an interruption only runs the missing points. ``--seeds 0 1 2 3`` runs every point once per seed
+(rotations and calibration sample) into ``<work-dir>/<model>/seeds/`` and writes
+``quality_seeds.*``: seed means, and the spread of each point's perplexity and KL.
 """
 from __future__ import annotations
 
