@@ -186,7 +186,7 @@ def test_multirun_sweep_through_ray_launcher(tmp_path):
     cmd = [sys.executable, "-m", "lqlr.cli", "-m", "hydra/launcher=ray_cluster", "hydra.launcher.ray.init.num_cpus=2",
            *SMALL, "method=rtn,gptq", "method.bq=3", f"hydra.sweep.dir={tmp_path}"]
     env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-    subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True, timeout=900)
     results = sorted(tmp_path.glob("*/result.json"))
     assert {json.loads(p.read_text())["method"] for p in results} == {"rtn", "gptq"}
     assert all((p.parent / "model" / "manifest.json").is_file() for p in results)
