@@ -216,10 +216,9 @@ def summary(records: list[Record], model: str) -> str:
 def markdown(records: list[Record], command: str = "") -> str:
     """Tables per model (a summary by budget, every point sorted by bits) and the per-budget verdict;
     points run with several seeds enter as their seed means, and their spread gets its own table."""
-    seeded = any(r.get("seeds") for r in seed_means(records))
     records = seed_means(records)
     lines = []
-    if seeded:
+    if any(r.get("seeds") for r in records):
         lines += ["Points run with several seeds (`seed` and `data.seed`: rotations and calibration sample) are their",
                   "means below (bits and KL: mean; ppl: of the mean log-likelihood).", "", "### Spread over seeds", "",
                   spread(records), ""]
