@@ -4,7 +4,7 @@
     python experiments/finetune_compare.py --label stories260k --lqlr OUT/st-lqlr --qonly OUT/st-gptq \
         --loftq OUT/st-loftq --steps 100 --batch-size 8 --seq-len 256 --lr 2e-3 --eval-seq-len 512 --eval-windows 16
 
-Runs ``experiments/finetune.py`` once per row, each in its own process (so each peak RSS is its own):
+Runs ``lqlr-finetune`` once per row, each in its own process (so each peak RSS is its own):
 (a) ``lqlr``: LoRA = the decomposition's L, R on the packed Q (then L, R requantized to their grids);
 (b) ``qonly+zero``: QLoRA-style B = 0 LoRA, same ranks as (a), on a Q-only export;
 (b') ``lqlrQ+zero`` (``--zero-on-lqlr-q``): the same zero-init LoRA on (a)'s own Q;
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "experiments" / "finetune.py"
+APP = ["-m", "lqlr.cli.finetune"]  # lqlr-finetune, run in its own process
 RESULTS = ROOT / "results"
 
 ROWS = {
@@ -39,7 +39,7 @@ def run_one(name: str, path: str, work: Path, common: list[str], extra: list[str
     out = work / name
     if (out / "finetune.json").is_file():  # done before: keep (delete the folder to rerun)
         return json.loads((out / "finetune.json").read_text())
-    cmd = [sys.executable, str(APP), f"path={path}", f"output_dir={out}", "progress=false", *common, *extra]
+    cmd = [sys.executable, *APP, f"path={path}", f"output_dir={out}", "progress=false", *common, *extra]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     return json.loads((out / "finetune.json").read_text())

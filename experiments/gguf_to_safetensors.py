@@ -6,7 +6,7 @@ so it can be compressed with ``model.lazy=true``:
 """
 import sys
 
-from lqlr.models import load_model
+from lqlr.engine.models import load_model
 
 
 def main(out: str) -> None:

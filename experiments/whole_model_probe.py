@@ -15,11 +15,13 @@ import time
 import torch
 
 import lqlr
-from lqlr.compress import CompressConfig, compress_model
-from lqlr.data import calibration_ids, wikitext2_text
-from lqlr.eval import dense_cache, eval_windows, quality
-from lqlr.models import load_model
-from lqlr.pipeline import budget_plan
+from lqlr.config import CompressConfig
+from lqlr.engine.blocks import compress_model
+from lqlr.calibrate.text import calibration_ids, wikitext2_text
+from lqlr.eval.metrics import dense_cache, eval_windows, quality
+from lqlr.engine.models import load_model
+from lqlr.budget.plan import make_plan
+from lqlr.config import BudgetConfig
 
 VARIANTS = {
     # name: (QLRConfig, use_hessian, all-in budget or None)
@@ -45,7 +47,7 @@ def main() -> None:
         qcfg, use_h, bits = VARIANTS[name]
         model = copy.deepcopy(ref)
         t0 = time.perf_counter()
-        plan = budget_plan(model, qcfg, bits) if bits is not None else None
+        plan = make_plan(model, qcfg, BudgetConfig(bits=bits))
         compress_model(model, calib, CompressConfig(qlr=qcfg, use_hessian=use_h), plan=plan, progress=False)
         seconds = time.perf_counter() - t0
         with dense_cache(model):

@@ -1,12 +1,17 @@
-"""Configuration dataclasses for the Q + L·R decomposition.
+"""Every configuration of lqlr: plain dataclasses, validated in ``__post_init__``.
 
-Plain dataclasses, validated in ``__post_init__``; Hydra builds the same classes from YAML
-(``lqlr.cli`` registers them), and library code never imports Hydra.
+``QLRConfig`` says how one matrix is decomposed; ``CompressConfig`` says what a whole-model run
+does (targets, calibration, budget, export) and is what :func:`lqlr.compress` takes. Hydra builds
+these same classes from YAML (``lqlr.cli`` registers them as the schema of its config groups), so
+a value is validated once, here, whether it comes from Python or from the command line. Library
+code never imports Hydra. Fields that Hydra reads use ``Optional[...]``/``list[...]`` annotations,
+which OmegaConf understands.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+import itertools
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional
 
 GRIDS = ("uniform", "nf")
 ORDERS = ("lr_first", "q_first")
@@ -78,4 +83,184 @@ class QLRConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (stored in manifests and result files)."""
+        return asdict(self)
+
+# groups of 256 add the cheap (2.125-bit) and the 3-bit-g256 settings; on SmolLM2-135M they lowered the
+# allocator's perplexity at every budget (results/quality.json: 57.99 → 51.31 at 2.5 bits, 37.60 → 35.40 at 3)
+DEFAULT_GROUPS = (64, 256)
+
+
+@dataclass
+class Menu:
+    """``budget.mode="auto"``: the options each matrix may take, the product of these lists
+    (BL = BR = ``factor_bits``; rank-0 options ignore the factor bits). ``iters``: outer iterations
+    used to estimate each option's cost. ``incoherence``: None keeps the method's setting for every
+    matrix; ``[False, True]`` decomposes each matrix both ways and lets the allocator pick."""
+
+    bq: list[int] = field(default_factory=lambda: [2, 3, 4])
+    rank: list[int] = field(default_factory=lambda: [0, 16, 64])
+    group_size: list[int] = field(default_factory=lambda: list(DEFAULT_GROUPS))
+    factor_bits: list[int] = field(default_factory=lambda: [4])
+    iters: int = 1
+    incoherence: Optional[list[bool]] = None
+
+    def __post_init__(self) -> None:
+        for name in ("bq", "rank", "group_size", "factor_bits", *(("incoherence",) if self.incoherence is not None else ())):
+            _check(bool(getattr(self, name)), f"budget.menu.{name} is empty: give at least one value")
+        _check(self.iters >= 1, f"budget.menu.iters={self.iters}: need at least one outer iteration")
+
+    def options(self, base: QLRConfig, out_features: int, in_features: int) -> list[QLRConfig]:
+        """Distinct valid configurations for an (out × in) matrix, built on ``base`` (grids, incoherence…)."""
+        seen, out = set(), []
+        rotations = [bool(r) for r in self.incoherence] if self.incoherence is not None else [base.incoherence]
+        for bq, k, g, fb, rot in itertools.product(self.bq, self.rank, self.group_size, self.factor_bits, rotations):
+            k = min(k, out_features, in_features)
+            g = min(g, in_features)  # a group wider than the row is the whole row
+            key = (bq, k, g, fb if k else None, rot)
+            if key in seen or (base.grid == "nf" and bq > 4):
+                continue
+            seen.add(key)
+            out.append(replace(base, bq=bq, rank=k, group_size=g, bl=fb, br=fb, iters=self.iters if k else 1,
+                               incoherence=rot))
+        return out
+
+
+CALIBRATION_SOURCES = ("self", "wikitext2", "text", "hub")
+
+
+@dataclass
+class CalibrationConfig:
+    """Where the calibration tokens come from: ``self`` (sampled from the model: data-free),
+    ``wikitext2`` (``split`` of the shipped WikiText-2 raw), ``text`` (a file or a folder of .txt at
+    ``path``) or ``hub`` (``datasets.load_dataset(hub_name, hub_config, split=split)``, streamed)."""
+
+    source: str = "self"
+    path: Optional[str] = None
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    split: str = "validation"
+    text_field: str = "text"
+    n_samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.source in CALIBRATION_SOURCES, f"data.source={self.source!r}: choose one of {CALIBRATION_SOURCES}")
+        _check(self.source != "text" or bool(self.path), "data.source=text needs data.path=<file or folder of .txt files>")
+        _check(self.source != "hub" or bool(self.hub_name),
+               "data.source=hub needs data.hub_name (e.g. allenai/c4) and optionally data.hub_config")
+        _check(self.n_samples >= 1, f"data.n_samples={self.n_samples}: need at least one calibration sequence")
+        _check(self.seq_len >= 2, f"data.seq_len={self.seq_len}: need at least 2 tokens per sequence")
+
+
+BUDGET_MODES = ("uniform", "auto")
+BUDGET_FITS = ("below", "nearest")
+PRIORS = ("none", "intrinsic_dimension")
+
+
+@dataclass
+class BudgetConfig:
+    """The all-in bit budget. ``bits=None``: the method's own BQ and rank. ``mode="uniform"``: every
+    matrix fitted to ``bits`` on its own (``fit="below"``: at most ``bits``; ``"nearest"``: Q-only
+    methods take the setting nearest to it). ``mode="auto"``: the global allocator picks one
+    ``menu`` option per matrix by a MILP so that all matrices together stay within ``bits``
+    (``prior="intrinsic_dimension"`` caps ranks at 2 × each block's TwoNN dimension; ``cache`` keeps
+    the budget-independent cost table in ``$LQLR_CACHE`` or ``~/.cache/lqlr``). ``overrides``: ordered
+    rules ``{match: pattern, **QLRConfig fields}`` fixing the matching matrices (first match wins;
+    patterns as in :func:`lqlr.core.arch.matches`)."""
+
+    bits: Optional[float] = None
+    mode: str = "uniform"
+    prior: str = "none"
+    cache: bool = True
+    fit: str = "below"
+    overrides: list[Any] = field(default_factory=list)
+    menu: Menu = field(default_factory=Menu)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.menu, dict):
+            self.menu = Menu(**self.menu)
+        _check(self.bits is None or self.bits > 0,
+               f"budget.bits={self.bits}: must be a positive number of all-in bits per parameter")
+        _check(self.mode in BUDGET_MODES, f"budget.mode={self.mode!r}: choose one of {BUDGET_MODES}")
+        _check(self.fit in BUDGET_FITS, f"budget.fit={self.fit!r}: choose one of {BUDGET_FITS}")
+        _check(self.prior in PRIORS, f"budget.prior={self.prior!r}: choose one of {PRIORS}")
+        _check(self.mode != "auto" or self.bits is not None,
+               "budget=auto needs budget.bits: the all-in bits/param the allocator must stay within")
+
+
+UNTOUCHED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class ExportConfig:
+    """How the export directory is written: ``dense_base`` adds ``dense/`` (a plain HF folder with Q
+    dequantized, for tools that cannot read lqlr's packed base); ``untouched_dtype`` stores the
+    tensors that are not compressed (embeddings, norms, LM head), ``float32`` keeping them bit-exact."""
+
+    dense_base: bool = False
+    untouched_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check(self.untouched_dtype in UNTOUCHED_DTYPES,
+               f"export.untouched_dtype={self.untouched_dtype!r}: choose one of {UNTOUCHED_DTYPES}")
+
+
+@dataclass
+class EvalConfig:
+    """WikiText-2 test evaluation: windows of ``seq_len`` tokens (None: min(context, 2048)), the first
+    ``max_windows`` of them (None: the whole test set), ``batch_size`` windows per forward."""
+
+    enabled: bool = True
+    seq_len: Optional[int] = None
+    max_windows: Optional[int] = 4
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len is None or self.seq_len >= 2, f"eval.seq_len={self.seq_len}: need at least 2 tokens")
+        _check(self.max_windows is None or self.max_windows >= 1, f"eval.max_windows={self.max_windows}: must be >= 1")
+        _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size}: must be >= 1")
+
+
+HESSIAN_MODES = ("sequential", "independent")
+
+
+@dataclass
+class CompressConfig:
+    """A whole-model compression, as :func:`lqlr.compress` runs it.
+
+    ``qlr``: the method (each matrix's decomposition, before any budget). ``targets``: which
+    linears inside the decoder blocks (PEFT's ``target_modules`` convention plus globs, see
+    :func:`lqlr.core.arch.matches`; None: all of them). ``hessian_mode``: ``sequential`` (block i
+    sees the compressed blocks < i, GPTQ) or ``independent`` (every H from the original model,
+    CALDERA). ``use_hessian=False`` decomposes under H = I (RTN, LoftQ; errors still reported under
+    H). ``lm_head`` also compresses the output projection. ``lazy`` reads each block from the
+    checkpoint only when it is compressed (a model name or folder; the model never whole in RAM).
+    """
+
+    qlr: QLRConfig = field(default_factory=QLRConfig)
+    targets: Any = None
+    hessian_mode: str = "sequential"
+    batch_size: int = 8
+    use_hessian: bool = True
+    lm_head: bool = False
+    lazy: bool = False
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("qlr", QLRConfig), ("calibration", CalibrationConfig), ("budget", BudgetConfig),
+                          ("export", ExportConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        _check(self.hessian_mode in HESSIAN_MODES, f"hessian_mode={self.hessian_mode!r}: choose one of {HESSIAN_MODES}")
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
+        _check(not (self.lazy and self.calibration.source == "self"),
+               "data=self samples text from the whole model; with model.lazy=true use data=wikitext2, text or hub")
+        _check(not (self.lazy and self.budget.mode == "auto"),
+               "budget mode auto measures every matrix on the whole model: it does not run with lazy=True")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (stored in manifests)."""
         return asdict(self)

@@ -6,12 +6,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lqlr.allocate import Menu, auto_plan, output_sensitivity, weighted_error
-from lqlr.arch import target_linears
-from lqlr.bits import bits_per_param
+from lqlr.config import Menu
+from lqlr.budget.allocator import auto_plan, weighted_error
+from lqlr.calibrate.sensitivity import output_sensitivity
+from lqlr.core.arch import target_linears
+from lqlr.core.bits import bits_per_param
 from lqlr.config import QLRConfig
-from lqlr.pipeline import budget_plan
-from lqlr.plan import plan_table, resolve_overrides
+from lqlr.budget.plan import make_plan
+from lqlr.config import BudgetConfig
+from lqlr.budget.rules import plan_table, resolve_overrides
 
 
 def _tiny(seed=0):
@@ -96,14 +99,15 @@ def test_allocator_stays_in_budget_and_beats_every_uniform_menu_plan():
 
 
 def test_mixed_plan_bits_are_counted_exactly_in_the_export(tmp_path):
-    from lqlr.compress import CompressConfig, compress_model
-    from lqlr.export import read_manifest, save_compressed
+    from lqlr.config import CompressConfig
+    from lqlr.engine.blocks import compress_model
+    from lqlr.io.export import read_manifest, save_compressed
 
     model = _tiny()
     rules = [{"match": "*.mlp.down_proj", "bq": 4, "rank": 8, "bl": 3, "br": 3},
              {"match": "re:.*layers\\.0\\..*", "bq": 2, "group_size": 32}]
     base = QLRConfig(bq=3, rank=0, group_size=64, iters=1)
-    plan = budget_plan(model, base, None, overrides=rules)
+    plan = make_plan(model, base, BudgetConfig(overrides=rules))
     reports = compress_model(model, torch.randint(0, 97, (2, 32)), CompressConfig(qlr=base), plan=plan, progress=False)
     save_compressed(model, tmp_path / "m", source={"model": "tiny"}, reports=reports)
     man = read_manifest(tmp_path / "m")
@@ -120,9 +124,9 @@ def test_mixed_plan_bits_are_counted_exactly_in_the_export(tmp_path):
 
 def test_uniform_budget_with_overrides_fits_only_the_others():
     model = _tiny()
-    plan = budget_plan(model, QLRConfig(bq=2, rank=0), 3.4, overrides=[{"match": "*.k_proj", "bq": 8}])
+    plan = make_plan(model, QLRConfig(bq=2, rank=0), BudgetConfig(bits=3.4, overrides=[{"match": "*.k_proj", "bq": 8}]))
     for n in target_linears(model):
-        cfg = plan(n)
+        cfg = plan.configs[n]
         if n.endswith("k_proj"):
             assert cfg.bq == 8
         else:
@@ -137,12 +141,12 @@ def test_readme_override_example_composes_and_resolves():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lqlr.cli import _config_dir, qlr_config, register_configs
+    from lqlr.cli.compress import CONFIG_DIR, qlr_config, register_configs
 
     line = next(ln for ln in (Path(__file__).parents[1] / "README.md").read_text().splitlines() if "budget.overrides=[" in ln)
     override = shlex.split(line)[0]
     register_configs()
-    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=["budget=auto", "budget.bits=2.5", override]))
     names = [f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.q_proj", "mlp.down_proj")]
     got = resolve_overrides(names, cfg.budget.overrides, qlr_config(cfg.method, 0))
@@ -152,7 +156,7 @@ def test_readme_override_example_composes_and_resolves():
 
 
 def test_cost_table_is_cached_and_reused_across_budgets_and_priors(tmp_path, monkeypatch):
-    import lqlr.allocate as A
+    import lqlr.budget.allocator as A
 
     model = _tiny()
     ids = torch.randint(0, 97, (4, 32))
@@ -163,7 +167,7 @@ def test_cost_table_is_cached_and_reused_across_budgets_and_priors(tmp_path, mon
     def boom(*a, **k):
         raise AssertionError("the cached costs should have been used")
 
-    monkeypatch.setattr(A, "capture_target_hessians", boom)
+    monkeypatch.setattr(A, "capture_hessians", boom)
     plan2, t2 = auto_plan(model, ids, QLRConfig(group_size=32), 3.0, menu, progress=False, cache_dir=tmp_path)
     assert plan2 == plan1 and t2.costs == t1.costs
     plan3, _ = auto_plan(model, ids, QLRConfig(group_size=32), 2.6, menu, progress=False, cache_dir=tmp_path)
@@ -175,7 +179,7 @@ def test_cost_table_is_cached_and_reused_across_budgets_and_priors(tmp_path, mon
 
 
 def test_a_wider_menu_computes_only_its_new_options_and_matches_a_fresh_table(tmp_path, monkeypatch):
-    D = sys.modules["lqlr.decompose"]  # (lqlr.decompose the attribute is the function)
+    D = sys.modules["lqlr.core.decompose"]  # (lqlr.decompose the attribute is the function)
 
     model = _tiny()
     ids = torch.randint(0, 97, (4, 32))
@@ -196,9 +200,9 @@ def test_a_wider_menu_computes_only_its_new_options_and_matches_a_fresh_table(tm
 
 
 def test_menu_groups_wider_than_a_row_collapse_to_the_row():
-    from lqlr.cli import MenuConf
+    from lqlr.cli.compress import MainConf
 
-    assert MenuConf().group_size == Menu().group_size  # the Hydra schema and the library agree
+    assert MainConf().budget.menu == Menu()  # the Hydra schema is the library's Menu
     narrow = Menu(bq=[2, 3], rank=[0, 8], group_size=[64]).options(QLRConfig(), 48, 64)
     wide = Menu(bq=[2, 3], rank=[0, 8], group_size=[64, 256]).options(QLRConfig(), 48, 64)
     assert wide == narrow  # on a 64-wide matrix, groups of 256 are groups of 64: no duplicate options
@@ -206,8 +210,9 @@ def test_menu_groups_wider_than_a_row_collapse_to_the_row():
 
 
 def test_menu_rotation_choice_is_a_superset_of_both_settings(tmp_path):
-    from lqlr.compress import CompressConfig, compress_model
-    from lqlr.export import read_manifest, save_compressed
+    from lqlr.config import CompressConfig
+    from lqlr.engine.blocks import compress_model
+    from lqlr.io.export import read_manifest, save_compressed
 
     model = _tiny()
     ids = torch.randint(0, 97, (4, 32))
@@ -233,7 +238,10 @@ def test_menu_rotation_choice_is_a_superset_of_both_settings(tmp_path):
     mixed = total(plan, table)
     assert len({c.incoherence for c in plan.values()}) == 2  # (on this model the allocator uses both)
     assert mixed <= min(total(p, t) for t, p in costs.values()) * (1 + 1e-9)
-    reports = compress_model(model, ids, CompressConfig(qlr=base), plan=plan.__getitem__, progress=False)
+    from lqlr.budget.plan import Plan
+
+    chosen = Plan(dict(plan), {n: "auto" for n in plan}, base, BudgetConfig(bits=2.75, mode="auto"), table)
+    reports = compress_model(model, ids, CompressConfig(qlr=base), plan=chosen, progress=False)
     save_compressed(model, tmp_path / "m", source={"model": "tiny"}, reports=reports)
     man = read_manifest(tmp_path / "m")
     for n, m in man["modules"].items():  # the rotation each matrix was given is the one stored

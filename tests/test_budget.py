@@ -1,7 +1,7 @@
 import pytest
 
-from lqlr.bits import bits_per_param
-from lqlr.budget import InfeasibleBudgetError, fit_to_budget
+from lqlr.core.bits import bits_per_param
+from lqlr.budget.fit import InfeasibleBudgetError, fit_to_budget
 from lqlr.config import QLRConfig
 
 
@@ -36,7 +36,7 @@ def test_q_plus_lr_lowers_bq_only_when_q_alone_cannot_fit():
 @pytest.mark.parametrize("grid", ["uniform", "nf"])
 @pytest.mark.parametrize("bits", [2.25, 2.5, 3.0, 3.2, 4.0, 4.5])
 def test_nearest_mode_matches_brute_force(grid, bits):
-    from lqlr.budget import Q_ONLY_GROUPS
+    from lqlr.budget.fit import Q_ONLY_GROUPS
 
     cfg = fit_to_budget(QLRConfig(bq=3, rank=0, grid=grid), 576, 1536, bits, mode="nearest")
     got = bits_per_param(576, 1536, cfg)
@@ -72,7 +72,7 @@ def _brute_force(errors, bits, params, budget):
 def test_milp_allocation_equals_brute_force(seed):
     import random
 
-    from lqlr.budget import allocate
+    from lqlr.budget.milp import allocate
 
     rng = random.Random(seed)
     n_mat, n_opt = rng.randint(2, 5), rng.randint(2, 4)
@@ -92,7 +92,7 @@ def test_milp_allocation_equals_brute_force(seed):
 
 
 def test_allocation_errors():
-    from lqlr.budget import allocate
+    from lqlr.budget.milp import allocate
 
     with pytest.raises(InfeasibleBudgetError, match="cheapest option"):
         allocate([[0.1, 0.01]], [[3.0, 4.0]], [100], 2.5)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lqlr.calibration import HessianAccumulator, capture_hessians
-from lqlr.models import load_model
+from lqlr.calibrate.capture import HessianAccumulator, capture_hessians
+from lqlr.engine.models import load_model
 
 
 def _second_moment(x: torch.Tensor) -> torch.Tensor:
@@ -73,13 +73,13 @@ def test_hooks_match_manual_input_moments() -> None:
     assert _hook_count(model) == 0
 
 
-def test_include_filter_and_errors() -> None:
+def test_module_selection_and_errors() -> None:
     model = _tiny_lm()
     ids = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(2))
-    hess = capture_hessians(model, ids, include=lambda name, m: name == "3", progress=False)
+    hess = capture_hessians(model, ids, ["3"], progress=False)
     assert list(hess) == ["3"]
-    with pytest.raises(ValueError, match="no nn.Linear"):
-        capture_hessians(model, ids, include=lambda name, m: False, progress=False)
+    with pytest.raises(ValueError, match="no module to capture"):
+        capture_hessians(model, ids, [], progress=False)
     with pytest.raises(ValueError, match="n_samples, seq_len"):
         capture_hessians(model, ids[0], progress=False)
     assert _hook_count(model) == 0

@@ -3,9 +3,9 @@ import torch
 
 import lqlr
 from conftest import correlated_hessian
-from lqlr.hessian import h_weighted_error, regularize
-from lqlr.q_step import ldlq_plan, ldlq_round
-from lqlr.quantizers import UniformGrid, quantize_rtn
+from lqlr.core.hessian import h_weighted_error, regularize
+from lqlr.core.ldlq import ldlq_plan, ldlq_round
+from lqlr.core.grids import UniformGrid, quantize_rtn
 
 
 def test_rank0_without_H_is_rtn(W_H):
@@ -83,7 +83,7 @@ def test_incoherence_helps_with_outliers():
 
 
 def test_q2n_row_gain_never_hurts_the_q_step():
-    from lqlr.q2n import q2n_rescale
+    from lqlr.core.q2n import q2n_rescale
     gen = torch.Generator().manual_seed(3)
     T = torch.randn(64, 128, generator=gen)
     H = correlated_hessian(128, seed=4)

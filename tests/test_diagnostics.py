@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from lqlr.diagnostics import effective_rank, hessian_effective_rank, main, matrix_effective_rank, twonn_dimension
+from lqlr.calibrate.diagnostics import effective_rank, hessian_effective_rank, matrix_effective_rank, twonn_dimension
+from lqlr.cli.diagnose import main
 
 
 @pytest.mark.parametrize("d", [2, 5, 10])
@@ -54,9 +55,10 @@ def test_lqlr_diagnose_on_stories260k_writes_table_json_and_plot(tmp_path, capsy
 
 
 def test_allocator_prior_caps_the_ranks_offered():
-    from lqlr.allocate import Menu, auto_plan
+    from lqlr.config import Menu
+    from lqlr.budget.allocator import auto_plan
     from lqlr.config import QLRConfig
-    from lqlr.diagnostics import rank_ceilings
+    from lqlr.calibrate.diagnostics import rank_ceilings
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

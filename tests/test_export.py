@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import lqlr
-from lqlr.compress import CompressConfig, compress_model
-from lqlr.export import IntegrityError, load, read_manifest, save_compressed
+from lqlr.config import CompressConfig
+from lqlr.engine.blocks import compress_model
+from lqlr.io.export import IntegrityError, read_manifest, save_compressed
+from lqlr.io.load import load
 
 
 def _tiny_gpt2():
@@ -34,7 +36,7 @@ def _tiny(arch):
 
 
 def _stories():
-    from lqlr.models import load_model
+    from lqlr.engine.models import load_model
 
     return load_model("stories260k")
 
@@ -66,8 +68,8 @@ def exported(request, tmp_path_factory):
 
 
 def test_reload_reproduces_the_compressed_model(exported):
-    from lqlr.arch import find_blocks, is_linear
-    from lqlr.layer import QLRLinear
+    from lqlr.core.arch import find_blocks, is_linear
+    from lqlr.nn.layer import QLRLinear
 
     _, model, reports, out, probe, logits = exported
     path, blocks = find_blocks(model)
@@ -119,7 +121,7 @@ def test_manifest_checksums_catch_corruption(exported, tmp_path):
 
 
 def test_targets_select_a_subset(tmp_path):
-    from lqlr.layer import QLRLinear
+    from lqlr.nn.layer import QLRLinear
 
     model = _tiny("qwen2")
     calib = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -145,7 +147,7 @@ def test_default_export_stores_untouched_tensors_in_16_bits(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lqlr.eval import size_on_disk
+    from lqlr.eval.metrics import size_on_disk
 
     model = _tiny("qwen2")
     calib = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -169,7 +171,7 @@ def test_default_export_stores_untouched_tensors_in_16_bits(tmp_path):
 
 
 def test_lm_head_can_be_compressed_and_untied(tmp_path):
-    from lqlr.layer import QLRLinear
+    from lqlr.nn.layer import QLRLinear
 
     model, tok = _stories()
     assert model.config.tie_word_embeddings

@@ -9,13 +9,16 @@ import pytest
 import torch
 
 import lqlr
-from lqlr.arch import UnsupportedModelError
-from lqlr.budget import InfeasibleBudgetError, fit_to_budget
-from lqlr.checkpoint import BlockCheckpoints
-from lqlr.compress import CompressConfig, compress_model
-from lqlr.data import calibration_ids, text_from_path
-from lqlr.export import ExportWriteError, IntegrityError, load, read_manifest, save_compressed
-from lqlr.models import load_model
+from lqlr.core.arch import UnsupportedModelError
+from lqlr.budget.fit import InfeasibleBudgetError, fit_to_budget
+from lqlr.engine.checkpoints import BlockCheckpoints
+from lqlr.config import CompressConfig
+from lqlr.engine.blocks import compress_model
+from lqlr.calibrate.text import calibration_ids, text_from_path
+from lqlr.util.files import ExportWriteError
+from lqlr.io.export import IntegrityError, read_manifest, save_compressed
+from lqlr.io.load import load
+from lqlr.engine.models import load_model
 
 ONE_LINE = r"^[^\n]+$"
 
@@ -186,7 +189,7 @@ def test_output_dir_holding_a_different_run(export):
 
 
 def test_disk_full_during_export(export, tmp_path, monkeypatch):
-    import lqlr.export as E
+    import lqlr.io.export as E
 
     model, _ = export
     out = tmp_path / "full"
@@ -204,7 +207,7 @@ def test_disk_full_during_export(export, tmp_path, monkeypatch):
 
 
 def test_disk_full_during_checkpoint(tmp_path, monkeypatch):
-    import lqlr.checkpoint as C
+    import lqlr.engine.checkpoints as C
 
     model = load_model("stories260k")[0]
     calib = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -235,7 +238,7 @@ def test_checkpoint_from_another_run(tmp_path):
 
 
 def test_lazy_needs_safetensors_and_real_data(tmp_path):
-    from lqlr.lazy import lazy_model
+    from lqlr.engine.lazy import lazy_model
 
     with pytest.raises(FileNotFoundError, match="needs a safetensors checkpoint"):
         lazy_model(tmp_path)

@@ -8,12 +8,16 @@ import torch
 from safetensors import safe_open
 
 import lqlr
-from lqlr.bits import SEED_BITS
-from lqlr.compress import CompressConfig, compress_model
-from lqlr.export import load, read_manifest, save_compressed
-from lqlr.finetune import (FinetuneConfig, lora_factors, lr_factor, merge_adapter, prepare, requantize_adapter,
-                           requantize_factors, train)
-from lqlr.layer import QLRLinear
+from lqlr.core.bits import SEED_BITS
+from lqlr.config import CompressConfig
+from lqlr.engine.blocks import compress_model
+from lqlr.io.load import load
+from lqlr.io.export import read_manifest, save_compressed
+from lqlr.finetune.train import FinetuneConfig, lr_factor, train
+from lqlr.finetune.lora import lora_factors, prepare
+from lqlr.finetune.merge import merge_adapter
+from lqlr.finetune.requantize import requantize_adapter, requantize_factors
+from lqlr.nn.layer import QLRLinear
 
 
 def _rel(a, b):
@@ -22,7 +26,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from lqlr.models import load_model
+    from lqlr.engine.models import load_model
 
     model, tokenizer = load_model("stories260k")
     calib = torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(0))
@@ -72,7 +76,7 @@ def test_gradients_reach_only_lora_and_match_stock_peft_on_dense_q(export):
 
 
 def test_autograd_never_keeps_a_dense_q(export):
-    from lqlr.incoherence import hadamard
+    from lqlr.core.incoherence import hadamard
 
     ours = prepare(export)
     q_shapes = {(m.out_features, m.in_features) for m in ours.modules() if isinstance(m, QLRLinear)}
@@ -138,7 +142,7 @@ def test_zero_init_starts_at_the_q_only_model(export):
     q_only = load(export)
     for name, m in list(q_only.named_modules()):
         if isinstance(m, QLRLinear) and m.rank > 0:
-            from lqlr.arch import set_module
+            from lqlr.core.arch import set_module
 
             set_module(q_only, name, m.without_factors())
     probe = _windows(2, 20)
@@ -186,7 +190,7 @@ def test_requantize_keeps_bits_and_matches_its_adapter(export, trained, tmp_path
 
 def test_requantized_factors_beat_rounding_each_factor(export, trained):
     """The refit of L against the rounded R is never worse than rounding L' and R' independently."""
-    from lqlr.quantizers import make_grid, quantize_rtn
+    from lqlr.core.grids import make_grid, quantize_rtn
 
     base = load(export)
     ours = naive = 0.0
@@ -230,22 +234,13 @@ def test_schedule_and_config_checks():
 
 
 def test_the_documented_command_writes_a_loadable_adapter(export, tmp_path):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("ft_app", root / "experiments" / "finetune.py")
-    app = importlib.util.module_from_spec(spec)
-    sys.modules["ft_app"] = app  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(app)
-    from hydra.core.config_store import ConfigStore
+    from lqlr.cli import finetune as app
 
-    ConfigStore.instance().store(name="finetune_schema", node=app.AppConf)
-    with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
+    app.register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(app.CONFIG_DIR)):
         dcfg = compose("finetune", overrides=[f"path={export}", f"output_dir={tmp_path / 'ft'}", "train.steps=3",
                                               "train.batch_size=2", "train.seq_len=64", "train.lr=5e-3",
                                               "eval.seq_len=128", "eval.max_windows=1", "progress=false"])
@@ -255,13 +250,13 @@ def test_the_documented_command_writes_a_loadable_adapter(export, tmp_path):
     assert len(saved["losses"]) == 3 and saved["peak_rss_train_mb"] > 0
     load(export, peft=True, adapter=tmp_path / "ft" / "adapter")
     with pytest.raises(Exception, match="schedule"):
-        with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
+        with initialize_config_dir(version_base="1.3", config_dir=str(app.CONFIG_DIR)):
             OmegaConf.to_object(compose("finetune", overrides=[f"path={export}", "train.schedule=sideways"]))
 
 
 @pytest.mark.parametrize("chunk", [7, 32, 10_000])
 def test_chunked_loss_equals_the_stock_loss_and_its_gradients(export, chunk):
-    from lqlr.finetune import causal_lm_loss, trainable_parameters
+    from lqlr.finetune.train import causal_lm_loss, trainable_parameters
 
     model = prepare(export)
     model.train()

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from conftest import correlated_hessian
-from lqlr.hessian import h_weighted_error
-from lqlr.incoherence import Incoherence, Rotation, hadamard
+from lqlr.core.hessian import h_weighted_error
+from lqlr.core.incoherence import Incoherence, Rotation, hadamard
 
 
 @pytest.mark.parametrize("p", [1, 2, 8, 64, 512])

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import lqlr
-from lqlr.incoherence import Rotation
-from lqlr.kernels import KERNELS, extension, resolve, set_kernel
-from lqlr.kernels.build import DISABLE_ENV
-from lqlr.kernels.plan import packed_matrix, rotation
-from lqlr.layer import QLRLinear
-from lqlr.quantizers import QuantizedTensor, make_grid, n_groups
+from lqlr.core.incoherence import Rotation
+from lqlr.nn.kernels import KERNELS, extension, resolve, set_kernel
+from lqlr.nn.kernels.build import DISABLE_ENV
+from lqlr.nn.kernels.plan import packed_matrix, rotation
+from lqlr.nn.layer import QLRLinear
+from lqlr.core.grids import QuantizedTensor, make_grid, n_groups
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,8 @@ def test_plan_follows_reloaded_buffers(ext):
 def stories_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("kern") / "s"
     cfg = lqlr.QLRConfig(bq=2, rank=4, bl=4, br=4, group_size=32, iters=1, incoherence=True)
-    lqlr.compress("stories260k", calibration="wikitext2", config=cfg, output_dir=out, n_samples=4, seq_len=64,
-                  progress=False)
+    config = lqlr.CompressConfig(qlr=cfg, calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=64))
+    lqlr.compress("stories260k", config, output_dir=out, progress=False)
     return out
 
 

@@ -4,7 +4,7 @@ from torch import nn
 
 import lqlr
 from conftest import correlated_hessian
-from lqlr.layer import QLRLinear
+from lqlr.nn.layer import QLRLinear
 
 CONFIGS = [
     dict(bq=2, rank=8, bl=4, br=4),

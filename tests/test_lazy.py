@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import lqlr
-from lqlr.arch import find_blocks
-from lqlr.compress import CompressConfig, compress_model
-from lqlr.layer import QLRLinear
-from lqlr.lazy import lazy_model
+from lqlr.core.arch import find_blocks
+from lqlr.config import CompressConfig
+from lqlr.engine.blocks import compress_model
+from lqlr.nn.layer import QLRLinear
+from lqlr.engine.lazy import lazy_model
 
 
 def _tiny_llama(tmp_path, tied=False):
@@ -59,10 +60,10 @@ def test_lazy_needs_safetensors(tmp_path):
 def test_cli_lazy_run_matches_eager(tmp_path):
     from test_cli import SMALL, _compose
 
-    from lqlr.cli import run
-    from lqlr.models import shared_assets_dir
+    from lqlr.cli.compress import run
+    from lqlr.assets import assets_dir
 
-    folder = shared_assets_dir() / "stories260K"  # a plain safetensors checkpoint folder
+    folder = assets_dir() / "stories260K"  # a plain safetensors checkpoint folder
     common = [o for o in SMALL if not o.startswith("model=")] + ["model=hub", f"model.name={folder}", "method=gptq",
                                                                   "eval.max_windows=1"]
     eager = run(_compose(common + [f"output_dir={tmp_path / 'e'}"]), tmp_path)

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from lqlr.memory import module_memory_mb, peak_rss_mb, reset_peak_rss, rss_mb
+from lqlr.util.memory import module_memory_mb, peak_rss_mb, reset_peak_rss, rss_mb
 
 
 def test_module_memory_counts_trainable_frozen_and_tied_once():
@@ -33,7 +33,7 @@ def test_mmap_threshold_returns_freed_blocks_to_the_os():
     # in a child process: the setting is process-wide and would slow the rest of the suite
     code = """
 import ctypes, torch
-from lqlr.memory import rss_mb, set_mmap_threshold
+from lqlr.util.memory import rss_mb, set_mmap_threshold
 try:
     ctypes.CDLL("libc.so.6").mallopt
 except (OSError, AttributeError):

@@ -7,8 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from lqlr.data import calibration_ids, wikitext2_text
-from lqlr.models import KNOWN_MODELS, load_model, shared_assets_dir, smollm2_gguf
+from lqlr.calibrate.text import calibration_ids, wikitext2_text
+from lqlr.engine.models import KNOWN_MODELS, load_model, smollm2_gguf
+from lqlr.assets import assets_dir
 
 # Greedy continuation of "Once upon a time" given in shared/assets/README.md ("Verification"),
 # which also matches llama2.c's doc/stories260K.md.
@@ -52,11 +53,11 @@ def test_known_models_documented() -> None:
 
 def test_shared_assets_env_override(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("LQLR_ASSETS", str(tmp_path))
-    assert shared_assets_dir() == tmp_path
+    assert assets_dir() == tmp_path
     missing = tmp_path / "nope"
     monkeypatch.setenv("LQLR_ASSETS", str(missing))
     with pytest.raises(FileNotFoundError, match="LQLR_ASSETS") as err:
-        shared_assets_dir()
+        assets_dir()
     assert str(missing) in str(err.value)
 
 
@@ -89,7 +90,7 @@ def test_smollm2_gguf_loads() -> None:
 
 
 def _raw_file(name: str) -> str:
-    return (shared_assets_dir() / "wikitext-2-raw" / name).read_text(encoding="utf-8")
+    return (assets_dir() / "wikitext-2-raw" / name).read_text(encoding="utf-8")
 
 
 def test_wikitext2_validation_matches_local_file() -> None:
@@ -138,8 +139,8 @@ def test_calibration_ids_too_short(stories) -> None:
 
 
 def test_self_generated_calibration_is_seeded():
-    from lqlr.data import generated_ids
-    from lqlr.models import load_model
+    from lqlr.calibrate.text import generated_ids
+    from lqlr.engine.models import load_model
 
     model, tok = load_model("stories260k")
     a = generated_ids(model, tok, 3, 24, seed=1, progress=False)
@@ -150,8 +151,8 @@ def test_self_generated_calibration_is_seeded():
 
 
 def test_calibration_from_each_local_source(tmp_path):
-    from lqlr.data import calibration_from, wikitext2_text
-    from lqlr.models import load_model
+    from lqlr.calibrate.text import calibration_from, wikitext2_text
+    from lqlr.engine.models import load_model
 
     model, tok = load_model("stories260k")
     (tmp_path / "a.txt").write_text(wikitext2_text("validation")[:20000])

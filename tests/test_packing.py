@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lqlr.packing import pack, packed_nbytes, unpack
+from lqlr.core.packing import pack, packed_nbytes, unpack
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -44,11 +44,11 @@ def test_every_sweep_composes(i):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lqlr.cli import MainConf, _config_dir, register_configs
+    from lqlr.cli.compress import MainConf, CONFIG_DIR, register_configs
 
     methods, budgets, *extra = sweeps()[i]
     register_configs()
-    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for m in methods:
             cfg = OmegaConf.to_object(compose(config_name="config", overrides=[
                 "experiment=quality", "model=smollm2-135m", f"method={m}", f"budget.bits={budgets[0]}",

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import lqlr
-from lqlr.checkpoint import BlockCheckpoints
-from lqlr.compress import CompressConfig, compress_model
-from lqlr.layer import QLRLinear
-from lqlr.models import load_model
+from lqlr.engine.checkpoints import BlockCheckpoints
+from lqlr.config import CompressConfig
+from lqlr.engine.blocks import compress_model
+from lqlr.nn.layer import QLRLinear
+from lqlr.engine.models import load_model
 
 CFG = CompressConfig(qlr=lqlr.QLRConfig(bq=2, rank=4, group_size=32, iters=2, incoherence=True))
 
@@ -78,7 +79,7 @@ def test_sigkill_at_several_points_then_resume(tmp_path):
 def test_same_seed_same_bytes(tmp_path):
     outs = []
     for name in ("a", "b"):
-        res = lqlr.compress("stories260k", calibration="wikitext2", config=CFG, n_samples=8, seq_len=64,
-                            output_dir=tmp_path / name, progress=False)
+        config = lqlr.CompressConfig(qlr=CFG.qlr, calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=8, seq_len=64))
+        res = lqlr.compress("stories260k", config, output_dir=tmp_path / name, progress=False)
         outs.append(_files(res.output_dir))
     assert outs[0] == outs[1]

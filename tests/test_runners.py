@@ -12,11 +12,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import lqlr
-from lqlr.checkpoint import BlockCheckpoints
-from lqlr.cli import MainConf, _config_dir, register_configs, run
-from lqlr.compress import CompressConfig, compress_model
-from lqlr.models import load_model
-from lqlr.runners import LocalRunner, MatrixJob, check_runner, make_runner, run_job
+from lqlr.engine.checkpoints import BlockCheckpoints
+from lqlr.cli.compress import MainConf, CONFIG_DIR, register_configs, run
+from lqlr.config import CompressConfig
+from lqlr.engine.blocks import compress_model
+from lqlr.engine.models import load_model
+from lqlr.engine.runners import LocalRunner, MatrixJob, check_runner, make_runner, run_job
 
 CFG = lqlr.QLRConfig(bq=2, rank=4, group_size=32, iters=2, incoherence=True)
 SMALL = ["model=stories260k", "data=wikitext2", "data.n_samples=8", "data.seq_len=64", "method=caldera", "method.rank=4",
@@ -29,7 +30,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def _compose(overrides, hydra_cfg=False):
     register_configs()
-    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=hydra_cfg)
         return cfg if hydra_cfg else OmegaConf.to_object(cfg)
 
@@ -97,12 +98,11 @@ def test_ray_runner_same_bytes_as_local(ray_2cpu, tmp_path):
         outs[kind] = _files(tmp_path / kind)
     assert outs["ray"].keys() == outs["local"].keys() and "model.safetensors" in outs["ray"]
     assert [k for k in outs["ray"] if outs["ray"][k] != outs["local"][k]] == []
-    ccfg = CompressConfig(qlr=CFG, hessian_mode="independent")
+    ccfg = CompressConfig(qlr=CFG, hessian_mode="independent", calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=8, seq_len=64))
     runners = {"local": LocalRunner(threads=1), "ray": make_runner("ray", threads=1, pipeline_blocks=3)}
     assert runners["ray"].threads == 1 and runners["ray"].depth(7) == 3
     for kind, runner in runners.items():
-        lqlr.compress("stories260k", calibration="wikitext2", config=ccfg, n_samples=8, seq_len=64,
-                      output_dir=tmp_path / f"ind-{kind}", progress=False, runner=runner)
+        lqlr.compress("stories260k", ccfg, output_dir=tmp_path / f"ind-{kind}", progress=False, runner=runner)
     a, b = _files(tmp_path / "ind-local"), _files(tmp_path / "ind-ray")
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
 
@@ -126,7 +126,7 @@ def test_ray_task_uses_the_local_thread_count(ray_2cpu):
 
 def _dying(marker_dir: Path, victim: str, times: int):
     """A task body that kills its worker process the first ``times`` times it gets ``victim``."""
-    from lqlr.runners import run_job as body
+    from lqlr.engine.runners import run_job as body
 
     def task(job, threads, device):
         if job.name == victim:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -16,20 +15,11 @@ from pathlib import Path
 
 import torch
 
-
-def _write(out_dir: Path, name: str, records: list[dict], table: str, meta: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{name}.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, "meta": meta, "records": records}, indent=1))
-    tmp.replace(json_path)
-    (out_dir / f"{name}.md").write_text(table)
-    print(table)
-    print(f"wrote {json_path} and {out_dir / (name + '.md')}")
+from lqlr.bench.output import write_results
 
 
 def _distortion(args: argparse.Namespace) -> None:
-    from . import distortion as D
+    from lqlr.bench import distortion as D
 
     t0 = time.perf_counter()
     records = D.gaussian_records(size=256 if args.quick else 1024)
@@ -44,25 +34,25 @@ def _distortion(args: argparse.Namespace) -> None:
                 torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
                 wall_s=time.perf_counter() - t0)
     name = "distortion_quick" if args.quick else "distortion"
-    _write(Path(args.out), name, records, D.markdown(records), meta)
+    write_results(Path(args.out), name, records, D.markdown(records), meta)
 
 
 def _inference(args: argparse.Namespace) -> None:
-    from . import inference as I
+    from lqlr.bench import inference as I
 
     t0 = time.perf_counter()
     models = ("stories260k",) if args.quick else tuple(args.models)
     records = I.run(models, tuple(args.bits), Path(args.work_dir), new_tokens=args.new_tokens,
                     prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
                     reference=not args.skip_reference)
-    from ..kernels import extension
+    from lqlr.nn.kernels import extension
 
     ext = extension()
     meta = dict(command="lqlr-bench inference " + " ".join(sys.argv[2:]), torch=torch.__version__,
                 threads=records[0]["threads"] if records else None, machine=platform.machine(),
                 processor=platform.processor(), extension=getattr(ext, "simd", None), wall_s=time.perf_counter() - t0)
     name = "inference_quick" if args.quick else "inference"
-    _write(Path(args.out), name, records, I.markdown(records), meta)
+    write_results(Path(args.out), name, records, I.markdown(records), meta)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.bench == "inference":
         _inference(args)
     elif args.bench == "quality":
-        from .quality import main_args
+        from lqlr.bench.quality import main_args
 
         main_args(args)
 

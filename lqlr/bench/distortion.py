@@ -19,10 +19,10 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import QLRConfig
-from ..decompose import decompose
-from ..hessian import h_weighted_error
-from ..quantizers import make_grid, quantize_rtn
+from lqlr.config import QLRConfig
+from lqlr.core.decompose import decompose
+from lqlr.core.hessian import h_weighted_error
+from lqlr.core.grids import make_grid, quantize_rtn
 
 Record = dict[str, Any]
 
@@ -85,9 +85,9 @@ def method_grid(ranks: tuple[int, int], iters: int, group_size: int = 64) -> lis
 def real_records(model_name: str, layers: Iterable[int] | None, ranks: tuple[int, int], iters: int,
                  n_samples: int, seq_len: int, seed: int = 0, progress: bool = True) -> list[Record]:
     """H-weighted error of every method on the linears of ``model_name`` (selected blocks)."""
-    from ..calibration import capture_hessians
-    from ..data import calibration_ids, wikitext2_text
-    from ..models import load_model
+    from lqlr.calibrate.capture import capture_hessians
+    from lqlr.calibrate.text import calibration_ids, wikitext2_text
+    from lqlr.engine.models import load_model
 
     model, tok = load_model(model_name)
     wanted = None if layers is None else {int(i) for i in layers}
@@ -99,7 +99,8 @@ def real_records(model_name: str, layers: Iterable[int] | None, ranks: tuple[int
         return wanted is None or ("layers" in parts and int(parts[parts.index("layers") + 1]) in wanted)
 
     ids = calibration_ids(tok, wikitext2_text("validation"), n_samples, seq_len, seed)
-    hessians = capture_hessians(model, ids, include=include, progress=progress)
+    names = [n for n, m in model.named_modules() if include(n, m)]
+    hessians = capture_hessians(model, ids, names, progress=progress)
     weights = {n: m.weight.detach().float() for n, m in model.named_modules() if n in hessians}
     out: list[Record] = []
     methods = method_grid(ranks, iters)

@@ -60,7 +60,7 @@ def fp32_dir(model: str, work: Path) -> Path:
     """The uncompressed model saved as a plain fp32 safetensors folder (made once)."""
     out = work / f"{model}-fp32"
     if not (out / "config.json").is_file():
-        from ..models import load_model
+        from lqlr.engine.models import load_model
 
         m, tok = load_model(model)
         if getattr(m, "hf_quantizer", None) is not None:  # GGUF sources come dequantized, flagged as quantized
@@ -77,13 +77,13 @@ def export_dir(model: str, bits: float, work: Path) -> Path:
     out = work / f"{model}-{bits:g}bit"
     if not (out / "manifest.json").is_file():
         import lqlr
-        from ..compress import CompressConfig
 
-        cfg = CompressConfig(qlr=lqlr.QLRConfig(bq=BUDGETS[bits], rank=8, bl=4, br=4, group_size=64, iters=1,
-                                                incoherence=True, seed=0),
-                             use_hessian=False, hessian_mode="independent")
-        lqlr.compress(model, calibration="wikitext2", config=cfg, budget_bits=bits, output_dir=out,
-                      n_samples=4, seq_len=128, progress=False)
+        cfg = lqlr.CompressConfig(qlr=lqlr.QLRConfig(bq=BUDGETS[bits], rank=8, bl=4, br=4, group_size=64, iters=1,
+                                                     incoherence=True, seed=0),
+                                  use_hessian=False, hessian_mode="independent",
+                                  calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=128),
+                                  budget=lqlr.BudgetConfig(bits=bits))
+        lqlr.compress(model, cfg, output_dir=out, progress=False)
     return out
 
 
@@ -102,7 +102,7 @@ def linear_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(resident, packed) bytes of the compressed linears: resident counts each distinct storage
     of their buffers, plus the kernel's extras (rotation signs and odd-part factors, dense caches);
     packed is their stored tensors' bytes."""
-    from ..layer import QLRLinear
+    from lqlr.nn.layer import QLRLinear
 
     seen: set[int] = set()
     resident = packed = 0
@@ -201,13 +201,13 @@ def _warm_imports(spec: dict[str, Any]) -> None:
     if spec["peft"]:
         import peft  # noqa: F401
     if spec["bits"] is not None and spec["kernel"] in ("auto", "packed"):
-        from ..kernels import extension
+        from lqlr.nn.kernels import extension
 
         extension()
 
 
 def _kernel_counts(model: torch.nn.Module) -> dict[str, int]:
-    from ..layer import QLRLinear
+    from lqlr.nn.layer import QLRLinear
 
     counts: dict[str, int] = {}
     for m in model.modules():
@@ -229,7 +229,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run(models: tuple[str, ...], bits: tuple[float, ...], work: Path, new_tokens: int = 64, prompt_len: int = 512,
         repeats: int = 3, threads: int | None = None, reference: bool = True, progress: bool = True) -> list[dict]:
     """All modes of all models, side by side (exports made or reused under ``work``)."""
-    from ..kernels import extension
+    from lqlr.nn.kernels import extension
 
     extension()  # build the kernels once, outside the timed workers
     records = []

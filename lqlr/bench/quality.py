@@ -98,7 +98,7 @@ def record_of(result: dict) -> Record:
     label = None
     if result.get("budget_mode") == "auto":
         rec["method"] += "-auto" + ("-id" if result.get("budget_prior", "none") != "none" else "")
-        from ..allocate import DEFAULT_GROUPS
+        from lqlr.config import DEFAULT_GROUPS
 
         menu = result.get("config", {}).get("budget", {}).get("menu") or {}
         groups = menu.get("group_size") or DEFAULT_GROUPS
@@ -291,9 +291,9 @@ def plot(records: list[Record], path: Path) -> None:
 
 def write(records: list[Record], out_dir: Path, name: str, meta: dict) -> None:
     """results/<name>.json, .md and .png from the records."""
-    from . import _write
+    from lqlr.bench.output import write_results
 
-    _write(out_dir, name, records, markdown(records, meta.get("command", "")), meta)
+    write_results(out_dir, name, records, markdown(records, meta.get("command", "")), meta)
     plot(records, out_dir / f"{name}.png")
     print(f"wrote {out_dir / (name + '.png')}")
 

@@ -1,0 +1,191 @@
+"""Global bit allocation: one (BQ, rank, group, factor bits) per matrix under one all-in budget.
+
+DESIGN §4. Three steps:
+
+1. ``output_sensitivity``: s_r = mean over calibration tokens of (∂loss/∂y_r)², the diagonal
+   Fisher of each target linear's output y. A weight error E changes y by E x, so the loss moves
+   by about Σ_r s_r (E H Eᵀ)_rr (gradient and input treated as independent) — comparable across
+   matrices, unlike the relative H-error.
+2. ``cost_table``: for every matrix and every option of the menu, decompose W under its H (from
+   the uncompressed model, ``iters`` outer iterations: a cheap estimate) and record
+   cost = Σ_r s_r (E H Eᵀ)_rr and the exact all-in bits.
+3. ``lqlr.budget.allocate``: the multiple-choice knapsack (scipy MILP) picks one option per
+   matrix minimising Σ cost with Σ params·bits ≤ budget·Σ params, so the exported model's all-in
+   bits are within the budget by construction.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lqlr.core.arch import target_linears, weight_of
+from lqlr.core.bits import bits_per_param
+from lqlr.config import QLRConfig
+from lqlr.config import Menu
+from lqlr.calibrate.capture import capture_hessians
+from lqlr.calibrate.sensitivity import output_sensitivity
+
+
+PRIORS = ("none", "intrinsic_dimension")
+
+
+
+
+
+
+
+
+def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, s: torch.Tensor) -> float:
+    """Σ_r s_r (E H Eᵀ)_rr with E = W − Ŵ: the first-order loss change of a weight error."""
+    E = (W - W_hat).to(torch.float64)  # (out, in)
+    return float(((E @ H.to(torch.float64)) * E).sum(1) @ s.to(torch.float64))
+
+
+@dataclass
+class CostTable:
+    """Per matrix: its options, their estimated costs and all-in bits."""
+
+    names: list[str]
+    params: list[int]
+    options: list[list[QLRConfig]]
+    costs: list[list[float]]
+    bits: list[list[float]]
+
+    def to_dict(self) -> dict:
+        return dict(names=self.names, params=self.params, options=[[o.to_dict() for o in opts] for opts in self.options],
+                    costs=self.costs, bits=self.bits)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostTable":
+        return cls(names=d["names"], params=d["params"], options=[[QLRConfig(**o) for o in opts] for opts in d["options"]],
+                   costs=d["costs"], bits=d["bits"])
+
+    def restricted(self, ceilings: dict[str, int]) -> "CostTable":
+        """The table with only ranks ≤ each matrix's ceiling offered (rank 0 always is)."""
+        t = CostTable(names=list(self.names), params=list(self.params), options=[], costs=[], bits=[])
+        for n, opts, costs, bits in zip(self.names, self.options, self.costs, self.bits):
+            keep = [j for j, o in enumerate(opts) if o.rank == 0 or o.rank <= ceilings.get(n, o.rank)] or list(range(len(opts)))
+            t.options.append([opts[j] for j in keep])
+            t.costs.append([costs[j] for j in keep])
+            t.bits.append([bits[j] for j in keep])
+        return t
+
+
+def option_key(cfg: QLRConfig) -> str:
+    """A stable name of one menu option (every field of its configuration), for the cost cache."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def matrix_options(model: nn.Module, names: list[str], menu: Menu, base: QLRConfig,
+                   fixed: dict[str, QLRConfig] | None = None) -> dict[str, list[QLRConfig]]:
+    """The options offered to each named matrix: its ``fixed`` one, else the menu's for its shape."""
+    fixed = fixed or {}
+    return {n: [fixed[n]] if n in fixed else menu.options(base, *weight_of(model.get_submodule(n)).shape)
+            for n in names}
+
+
+def missing_options(opts: dict[str, list[QLRConfig]], known: dict[str, dict[str, float]]) -> dict[str, list[QLRConfig]]:
+    """The options of each matrix whose cost is not in ``known`` yet."""
+    return {n: [c for c in cs if option_key(c) not in known.get(n, {})] for n, cs in opts.items()}
+
+
+def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]] | None,
+               sensitivity: dict[str, torch.Tensor] | None, menu: Menu, base: QLRConfig,
+               fixed: dict[str, QLRConfig] | None = None, progress: bool = True, use_hessian: bool = True,
+               known: dict[str, dict[str, float]] | None = None, names: list[str] | None = None) -> CostTable:
+    """Decompose every matrix with every menu option (``fixed``: matrices with one given option).
+    ``use_hessian=False`` decomposes under H = I (the cost is still measured under the real H).
+    ``known``: costs already measured, {matrix: {option_key: cost}}; only the missing ones are
+    computed (``hessians``/``sensitivity`` may then be None if nothing is missing), and ``known``
+    is filled in place."""
+    from lqlr.core.decompose import decompose
+
+    known = {} if known is None else known
+    names = list(names if names is not None else hessians)
+    shapes = {n: tuple(weight_of(model.get_submodule(n)).shape) for n in names}
+    opts = matrix_options(model, names, menu, base, fixed)
+    todo = missing_options(opts, known)
+    work = sum(len(v) for v in todo.values())
+    if work and (hessians is None or sensitivity is None):
+        raise ValueError("cost_table: Hessians and sensitivities are needed for the options not in `known`")
+    bar = tqdm(total=work, desc="cost table", disable=not progress or not work)
+    for n in names:
+        if not todo[n]:
+            continue
+        W = weight_of(model.get_submodule(n)).detach().to(torch.float32)  # (out, in)
+        H = hessians[n][0]
+        for cfg in todo[n]:
+            # cost of this option: the sensitivity-weighted output error of its decomposition of W
+            Wh = decompose(W, H if use_hessian else None, cfg).weight()
+            known.setdefault(n, {})[option_key(cfg)] = weighted_error(W, Wh, H, sensitivity[n])
+            bar.update(1)
+    bar.close()
+    return CostTable(names=names, params=[shapes[n][0] * shapes[n][1] for n in names],
+                     options=[opts[n] for n in names],
+                     costs=[[known[n][option_key(c)] for c in opts[n]] for n in names],
+                     bits=[[bits_per_param(*shapes[n], c) for c in opts[n]] for n in names])
+
+
+def default_cache_dir() -> Path:
+    """Where cost tables are kept between runs: $LQLR_CACHE/cost_tables, or ~/.cache/lqlr/cost_tables."""
+    return Path(os.environ.get("LQLR_CACHE") or Path.home() / ".cache" / "lqlr") / "cost_tables"
+
+
+def allocate_plan(table: CostTable, budget: float, iters: int) -> dict[str, QLRConfig]:
+    """One option per matrix from the MILP, with the method's outer iterations restored for the final run."""
+    from lqlr.budget.milp import allocate
+
+    choice = allocate(table.costs, table.bits, table.params, budget)
+    return {n: replace(opts[j], iters=iters if opts[j].rank else 1)
+            for n, opts, j in zip(table.names, table.options, choice)}
+
+
+def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: float, menu: Menu | None = None,
+              targets=None, fixed: dict[str, QLRConfig] | None = None, progress: bool = True,
+              use_hessian: bool = True, prior: str = "none",
+              cache_dir: str | Path | None = None) -> tuple[dict[str, QLRConfig], CostTable]:
+    """The allocator end to end on an uncompressed model: Hessians, sensitivities, cost table, MILP.
+
+    ``prior="intrinsic_dimension"`` offers each matrix only ranks ≤ 2 × its block's TwoNN dimension.
+    ``cache_dir``: costs do not depend on the budget or the prior, so every measured (matrix,
+    option) cost is stored there (one file per weights + calibration ids + targets, keyed inside by
+    the option's full configuration) and reused by later runs: other budgets cost nothing, and a
+    wider menu computes only its new options.
+    """
+    if prior not in PRIORS:
+        raise ValueError(f"budget.prior={prior!r}: choose one of {PRIORS}")
+    menu = menu or Menu()
+    names = list(target_linears(model, targets))
+    known: dict[str, dict[str, float]] = {}
+    path = None
+    if cache_dir is not None:
+        from lqlr.util.files import fingerprint
+
+        key = fingerprint(*[weight_of(model.get_submodule(n)).detach() for n in names], ids, names, use_hessian)
+        path = Path(cache_dir) / f"{key[:32]}.costs.json"
+        if path.is_file():
+            known = json.loads(path.read_text())
+    missing = any(missing_options(matrix_options(model, names, menu, base, fixed), known).values())
+    hessians = sens = None
+    if missing:  # (every option already measured: no Hessians, sensitivities or decompositions at all)
+        hessians = capture_hessians(model, ids, names, progress=progress)
+        sens = output_sensitivity(model, ids, names, progress=progress)
+    table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian, known, names)
+    del hessians
+    if missing and path is not None:
+        from lqlr.util.files import atomic_write
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(known)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    if prior == "intrinsic_dimension":
+        from lqlr.calibrate.diagnostics import rank_ceilings
+
+        table = table.restricted(rank_ceilings(model, ids, names))
+    return allocate_plan(table, budget, base.iters), table

@@ -1,0 +1,46 @@
+"""TODO docstring"""
+from __future__ import annotations
+from typing import Iterable
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def output_sensitivity(model: nn.Module, ids: torch.Tensor, names: Iterable[str], batch_size: int = 4,
+                       progress: bool = True) -> dict[str, torch.Tensor]:
+    """s (out,) per target: mean over tokens of (∂ loss / ∂ y_r)² with loss the summed next-token
+    cross-entropy of the calibration sequences (the diagonal empirical Fisher of the layer output)."""
+    mods = {n: model.get_submodule(n) for n in names}
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+
+    def hook(n):
+        def fn(_m, _gin, gout):
+            g = gout[0].detach().to(torch.float64)  # (batch, seq, out)
+            s = g.pow(2).reshape(-1, g.shape[-1]).sum(0)
+            sums[n] = sums[n] + s if n in sums else s
+        return fn
+
+    was_training = model.training
+    model.eval()
+    req = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = [m.register_full_backward_hook(hook(n)) for n, m in mods.items()]
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(ids.split(batch_size), desc="sensitivity", disable=not progress):
+            batch = batch.to(device)
+            emb = model.get_input_embeddings()(batch).detach().requires_grad_(True)  # gradients flow without weight grads
+            logits = model(inputs_embeds=emb, use_cache=False).logits[:, :-1].float()
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                               reduction="sum")
+            loss.backward()
+            count += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+    return {n: (s / count).to(torch.float32) for n, s in sums.items()}

@@ -1,0 +1,1 @@
+"""The command lines: lqlr-compress, lqlr-eval, lqlr-diagnose, lqlr-finetune (Hydra lives only here)."""

@@ -1,0 +1,119 @@
+"""Hessian-aware rounding (LDLQ / GPTQ) of a matrix onto a grid.
+
+min_Q tr((T − Q) H (T − Q)ᵀ) over Q on the grid, greedily column by column: each input column
+is rounded, and its rounding error is pushed onto the columns not yet rounded through the
+upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U). Lazy block updates keep the work in matmuls.
+With H = None it is plain round-to-nearest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lqlr.core.hessian import DampedHessian, inverse_cholesky_upper
+from lqlr.core.grids import Grid, QuantizedTensor, encode_groups, group_slices, quantize_rtn
+
+
+@dataclass
+class LDLQPlan:
+    """What LDLQ needs from H, computed once and reused for every matrix rounded under H."""
+
+    U: torch.Tensor  # (in, in) upper Cholesky factor of the (permuted) damped H⁻¹
+    perm: torch.Tensor | None  # visiting order of the input columns (act-order), None = natural
+    damped: DampedHessian
+
+
+def ldlq_plan(Hd: DampedHessian, act_order: bool = False) -> LDLQPlan:
+    """Factorise the damped H once (optionally in act-order: decreasing diag H)."""
+    perm = None
+    H = Hd.H
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        H = H[perm][:, perm]
+    return LDLQPlan(U=inverse_cholesky_upper(H), perm=perm, damped=Hd)
+
+
+def aligned_block(block_size: int, group_size: int) -> int:
+    """Block size that keeps every group inside one block, or every block inside one group."""
+    if block_size >= group_size:
+        return -(-block_size // group_size) * group_size
+    block = block_size
+    while group_size % block:
+        block -= 1
+    return block
+
+
+@dataclass
+class Rounded:
+    """A matrix rounded onto a grid."""
+
+    qt: QuantizedTensor  # codes and group parameters
+    Q: torch.Tensor  # (rows, cols) dequantized float32
+    damped_error: float | None  # tr((T − Q) H_d (T − Q)ᵀ) from the LDL identity (None for RTN)
+
+
+def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: int = 128) -> Rounded:
+    """Round T (rows, in) onto ``grid``: min tr((T − Q) H (T − Q)ᵀ) by LDLQ with lazy block updates.
+
+    ``plan`` = None means H = I: plain round-to-nearest. Group parameters are fitted on the
+    error-updated columns when LDLQ reaches a group's first column; with act-order they are
+    fitted once up front on T (static groups), as the visiting order crosses groups.
+    """
+    if grid.dim != 1:
+        raise NotImplementedError(f"LDLQ for vector grids (dim={grid.dim}) is not implemented yet")
+    T = T.to(torch.float32)
+    if plan is None:
+        qt = quantize_rtn(T, grid)
+        return Rounded(qt=qt, Q=qt.dequantize(), damped_error=None)
+
+    rows, cols = T.shape
+    g = grid.group_size
+    W = T.clone()
+    W[:, plan.damped.dead] = 0.0  # inputs that are never active: their weights do not matter
+    perm = plan.perm
+    static = None
+    if perm is not None:
+        static = [grid.fit(W[:, sl]) for sl in group_slices(cols, g)]
+        group_of = (perm // g).tolist()  # group of each visited column
+        W = W[:, perm]
+    U = plan.U
+    block = aligned_block(block_size, g)
+
+    inv_d = (1.0 / torch.diagonal(U)).tolist()  # 1 / U_ii, as Python floats for the hot loop
+    Wt = W.T.contiguous()  # (in, rows): column i of W is the contiguous row Wt[i]
+    Qt = torch.empty(cols, rows, dtype=torch.float32, device=T.device)
+    fitted: list = []  # GroupParams of each group, in column order
+    total = torch.zeros((), dtype=torch.float64, device=T.device)
+    p = None
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = Wt[i1:i2].clone()  # (b, rows) columns of this block, updated in place
+        Err1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                p = static[group_of[col]]
+            elif col % g == 0:
+                # the group's columns are up to date: inside this block, or the block starts the group
+                src = W1[i : i + g] if col + g <= i2 else Wt[col : col + g]
+                p = grid.fit(src.T)
+                fitted.append(p)
+            q = grid.round(W1[i][:, None], p)[:, 0]  # (rows,)
+            Qt[col] = q
+            err = W1[i].sub(q).mul_(inv_d[col])  # (rows,) rounding error scaled by 1 / U_ii
+            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # feed the error forward in-block
+            Err1[i] = err
+        total += Err1.double().pow(2).sum()
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the columns after the block
+
+    Q = Qt.T
+    if static is not None:
+        Q = Q[:, torch.argsort(perm)]
+        fitted = static
+    Q = Q.contiguous()
+    scale = torch.cat([f.scale for f in fitted], dim=1)  # (rows, n_groups)
+    zero = torch.cat([f.zero for f in fitted], dim=1) if fitted[0].zero is not None else None
+    qt = QuantizedTensor(codes=encode_groups(Q, grid, fitted), scale=scale, zero=zero, grid=grid)
+    return Rounded(qt=qt, Q=Q, damped_error=float(total))

@@ -1,0 +1,100 @@
+"""Load an export directory back: a transformers model with QLRLinear modules, or a PeftModel to train."""
+from __future__ import annotations
+import os
+from pathlib import Path
+from typing import Any
+import torch
+from safetensors.torch import load_file
+from lqlr.core.arch import set_module
+from lqlr.util.meta import parameters_on_meta
+from lqlr.nn.lora import zero_init_lora
+from lqlr.io.export import ADAPTER_DIR, BASE_FILE, IntegrityError, read_manifest
+
+
+def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, device: str | torch.device = "cpu",
+         adapter: str | os.PathLike | None = None, kernel: str = "auto", lora_rank: int | None = None):
+    """Load an export as a transformers model whose compressed linears are QLRLinear modules.
+
+    ``peft=True`` returns a ``PeftModel`` instead: Q-only QLRLinear bases (kept packed and frozen)
+    with the trainable LoRA adapter L, R from ``adapter/`` (or from ``adapter``, e.g. a fine-tuned
+    one). A Q-only export (rank 0 everywhere, so no adapter/) needs ``lora_rank``: a zero-initialised
+    LoRA of that rank on every compressed linear, QLoRA style (B = 0, so the model starts exactly at
+    Q). ``lora_rank`` with an export that has L, R replaces them the same way. ``verify`` checks every file's sha256. ``kernel`` picks how the compressed linears
+    compute (:mod:`lqlr.kernels`): ``"auto"`` (the compiled packed kernel where it is available,
+    else ``"reference"``), ``"packed"``, ``"reference"``, or ``"dense-fp32"``/``"dense-fp16"``/
+    ``"dense-bf16"`` (dequantize once, trading memory for speed).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lqlr.nn.kernels import check_kernel, set_kernel
+    from lqlr.nn.layer import QLRLinear
+
+    check_kernel(kernel)
+
+    root = Path(path)
+    manifest = read_manifest(root, verify=verify)
+    config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    with parameters_on_meta():  # no dense weights are ever allocated: memory ≈ the packed file
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    for name, entry in manifest["modules"].items():
+        out_f, in_f = entry["shape"]
+        set_module(model, name, QLRLinear(in_f, out_f, entry["spec"], bias=entry["bias"]))
+    packed = {f"{n}.{b}" for n in manifest["modules"] for b, _ in model.get_submodule(n).named_buffers(recurse=False)}
+    try:
+        state = load_file(str(root / BASE_FILE))
+    except Exception as err:  # truncated or not a safetensors file (only reachable with verify=False)
+        raise IntegrityError(f"cannot read {root / BASE_FILE} ({type(err).__name__}): the file is truncated or corrupt; "
+                             "re-export or restore it") from err
+    # untouched tensors may be stored in 16 bits: compute in float32 like the source model
+    state = {k: v.float() if k not in packed and v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in missing if any(p.device.type == "meta" for n, p in model.named_parameters() if n == k)]
+    if missing or unexpected:
+        raise IntegrityError(f"{root / BASE_FILE} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.to(device).eval()
+    if not peft:
+        set_kernel(model, kernel)
+        return model
+    from peft import PeftModel
+
+    if lora_rank is not None and (not isinstance(lora_rank, int) or lora_rank < 1):
+        raise ValueError(f"lora_rank={lora_rank!r}: the rank of the zero-initialised LoRA must be an integer >= 1")
+    has_factors = any(entry["spec"].get("rank", 0) > 0 for entry in manifest["modules"].values())
+    if adapter is None and lora_rank is None and not has_factors:
+        raise ValueError(f"{root} is a Q-only export (rank 0 everywhere, no L, R to train): pass lora_rank=N for a "
+                         "zero-initialised LoRA of rank N on the packed base (QLoRA style), or adapter=<a PEFT adapter folder>")
+    for name in manifest["modules"]:
+        m = model.get_submodule(name)
+        if m.rank > 0:
+            set_module(model, name, m.without_factors())
+    if adapter is None and lora_rank is not None:
+        peft_model = zero_init_lora(model, lora_rank, sorted(manifest["modules"]))
+        set_kernel(peft_model, kernel)
+        return peft_model
+    adapter = Path(adapter) if adapter is not None else root / ADAPTER_DIR
+    check_adapter(adapter, manifest)
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    set_kernel(peft_model, kernel)
+    return peft_model
+
+
+def check_adapter(adapter: Path, manifest: dict[str, Any]) -> None:
+    """One-line errors for an adapter that is missing, unsafe, or whose shapes do not fit the base."""
+    weights = adapter / "adapter_model.safetensors"
+    if not (adapter / "adapter_config.json").is_file() or not weights.is_file():
+        raise IntegrityError(f"{adapter} is not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for key, shape in shapes.items():
+        name, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
+        if name not in manifest["modules"]:
+            raise IntegrityError(f"{weights}: {key} targets {name!r}, which is not a compressed module of this model")
+        out_f, in_f = manifest["modules"][name]["shape"]
+        ok = (shape[1] == in_f) if rest.startswith("A") else (shape[0] == out_f)
+        if len(shape) != 2 or not ok:
+            want = f"(r, {in_f})" if rest.startswith("A") else f"({out_f}, r)"
+            raise IntegrityError(f"{weights}: {key} has shape {shape}, the base layer needs {want}: "
+                                 "the adapter was trained for a different model")

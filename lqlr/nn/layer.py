@@ -1,0 +1,259 @@
+"""QLRLinear: a linear layer stored as packed Q codes plus packed (or fp16) L and R.
+
+forward(x) = x Qᵀ + (x Rᵀ) Lᵀ + b in the original basis. With incoherence, the stored Q', L', R'
+live in the rotated basis (W' = U W Vᵀ), so forward rotates the input once (x Vᵀ) and the
+output once (y U). The dense weight is built only when asked (``dequantize()``/``weight``) and
+transiently inside the reference ``forward``; the packed kernel (lqlr.kernels) never builds it.
+
+It subclasses ``nn.Linear`` so that stock PEFT wraps it as a LoRA base layer; ``weight`` is a
+read-only property, so PEFT operations that write the base weight (merge) are refused — merge
+into the dense export instead.
+
+How forward computes is the layer's ``kernel`` (see :mod:`lqlr.kernels`): ``"reference"`` (the
+default here, pure torch, dequantizes on each call), ``"packed"`` (compiled kernel on the packed
+codes) or ``"dense-*"`` (weight dequantized once); ``lqlr.load`` sets it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lqlr.core.incoherence import Incoherence, Rotation
+from lqlr.core.packing import packed_nbytes
+from lqlr.core.grids import QuantizedTensor, make_grid, n_groups
+
+FP16 = "fp16"
+
+
+def _grid(spec: dict):
+    return make_grid(spec["kind"], spec["bits"], spec["group_size"], clip_search=False)
+
+
+def _buffer_shapes(prefix: str, spec: dict, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of the stored tensors of one (rows, cols) matrix."""
+    if spec["kind"] == FP16:
+        return {f"{prefix}_weight": ((rows, cols), torch.float16)}
+    out = {f"{prefix}_codes": ((packed_nbytes(rows * cols, spec["bits"]),), torch.uint8),
+           f"{prefix}_scale": ((rows, n_groups(cols, spec["group_size"])), torch.float16)}
+    if spec["kind"] == "uniform":
+        out[f"{prefix}_zero"] = ((packed_nbytes(rows * n_groups(cols, spec["group_size"]), spec["bits"]),), torch.uint8)
+    return out
+
+
+class QLRLinear(nn.Linear):
+    """y = x (Q + L R)ᵀ + b from packed low-bit storage.
+
+    ``spec`` describes the storage: ``{"q": grid spec, "rank": k, "l": spec, "r": spec,
+    "rotation": {"u_seed", "v_seed"} or None}`` with grid spec ``{"kind", "bits", "group_size"}``
+    (kind ``"fp16"`` for 16-bit factors). It is what the manifest stores per module.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: dict[str, Any], bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        nn.Module.__init__(self)  # no dense weight: skip nn.Linear's allocation
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        k = int(spec.get("rank", 0))
+        shapes = _buffer_shapes("q", spec["q"], out_features, in_features)
+        if k > 0:
+            shapes.update(_buffer_shapes("l", spec["l"], out_features, k))
+            shapes.update(_buffer_shapes("r", spec["r"], k, in_features))
+        for name, (shape, dtype) in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._dense_cache: torch.Tensor | None = None
+        self.kernel = "reference"  # concrete kernel in use (lqlr.kernels)
+        self._kernel_request = "reference"  # what was asked for ("auto" is resolved per device)
+        self._fast = None  # the kernel's forward function; rebuilt lazily after .to() / load_packed
+
+    # ----- construction -------------------------------------------------------------------
+    @classmethod
+    def from_decomposition(cls, d, bias: torch.Tensor | None = None) -> "QLRLinear":
+        """Pack a :class:`lqlr.Decomposition` into a module."""
+        out_f, in_f = d.Q.shape
+        cfg = d.config
+        spec: dict[str, Any] = {"q": d.q_codes.grid.spec(), "rank": d.rank, "rotation": None}
+        tensors = _tensors("q", d.q_codes, None)
+        if d.rank > 0:
+            spec["l"] = d.l_codes.grid.spec() if d.l_codes is not None else {"kind": FP16}
+            spec["r"] = d.r_codes.grid.spec() if d.r_codes is not None else {"kind": FP16}
+            tensors.update(_tensors("l", d.l_codes, d.L_stored))
+            tensors.update(_tensors("r", d.r_codes, d.R_stored))
+        if d.incoherence is not None:
+            spec["rotation"] = {"u_seed": d.incoherence.U.seed, "v_seed": d.incoherence.V.seed}
+        spec["config"] = cfg.to_dict()
+        mod = cls(in_f, out_f, spec, bias=bias is not None, device=d.Q.device)
+        mod.load_packed(tensors)
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach().float())
+        return mod
+
+    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Fill the stored buffers (names as in :meth:`packed_tensors`), checking their shapes."""
+        for name, buf in self.named_buffers(recurse=False):
+            if name not in tensors:
+                raise KeyError(f"missing tensor {name!r} for a QLRLinear of spec {self.spec}")
+            t = tensors[name]
+            if tuple(t.shape) != tuple(buf.shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(buf.shape)}")
+            buf.copy_(t.to(buf.dtype))
+        self._dense_cache = None
+        self._fast = None
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors (packed codes, fp16 scales/factors), as written to disk."""
+        out = {}
+        for name, buf in self.named_buffers(recurse=False):
+            out[name] = buf.to(torch.float16) if buf.is_floating_point() else buf
+        return out
+
+    # ----- dense views --------------------------------------------------------------------
+    @property
+    def incoherence(self) -> Incoherence | None:
+        rot = self.spec.get("rotation")
+        if not rot:
+            return None
+        return Incoherence(U=Rotation(self.out_features, int(rot["u_seed"])), V=Rotation(self.in_features, int(rot["v_seed"])))
+
+    @property
+    def rank(self) -> int:
+        return int(self.spec.get("rank", 0))
+
+    def _matrix(self, prefix: str, rows: int, cols: int) -> torch.Tensor:
+        spec = self.spec[prefix]
+        if spec["kind"] == FP16:
+            return getattr(self, f"{prefix}_weight").to(torch.float32)
+        t = {"codes": getattr(self, f"{prefix}_codes"), "scale": getattr(self, f"{prefix}_scale")}
+        if hasattr(self, f"{prefix}_zero"):
+            t["zero"] = getattr(self, f"{prefix}_zero")
+        return QuantizedTensor.from_packed(t, (rows, cols), _grid(spec)).dequantize()
+
+    def stored_q(self) -> torch.Tensor:
+        """Q' (out, in) as stored (rotated basis when incoherence is on)."""
+        return self._matrix("q", self.out_features, self.in_features)
+
+    def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L', R') as stored: (out, k) and (k, in)."""
+        k = self.rank
+        if k == 0:
+            return torch.zeros(self.out_features, 0), torch.zeros(0, self.in_features)
+        return self._matrix("l", self.out_features, k), self._matrix("r", k, self.in_features)
+
+    def q_weight(self) -> torch.Tensor:
+        """Q in the original basis, (out, in) float32."""
+        Q = self.stored_q()
+        rot = self.incoherence
+        return rot.unrotate_weight(Q) if rot else Q
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, R) in the original basis: the LoRA B and A of the exported adapter."""
+        L, R = self.stored_factors()
+        rot = self.incoherence
+        return (rot.unrotate_left(L), rot.unrotate_right(R)) if rot else (L, R)
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense Q + L R in the original basis, (out, in) float32."""
+        L, R = self.factors()
+        return self.q_weight() + L @ R
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """The effective dense weight (built on each access; read-only)."""
+        return self.dequantize()
+
+    def cache_dense(self, enabled: bool = True) -> None:
+        """Keep the stored dense Q' in memory between calls (trades memory for speed)."""
+        self._dense_cache = self.stored_q() if enabled else None
+
+    def without_factors(self) -> "QLRLinear":
+        """A Q-only copy sharing Q's buffers (the frozen base under a LoRA adapter)."""
+        spec = {k: v for k, v in self.spec.items() if k not in ("l", "r")}
+        spec["rank"] = 0
+        mod = QLRLinear(self.in_features, self.out_features, spec, bias=self.bias is not None, device=self.q_scale.device)
+        for name, _ in mod.named_buffers(recurse=False):
+            setattr(mod, name, getattr(self, name))
+        if self.bias is not None:
+            mod.bias = self.bias
+        return mod
+
+    # ----- kernels ------------------------------------------------------------------------
+    def set_kernel(self, kind: str = "auto") -> None:
+        """Compute forward with kernel ``kind`` (see :mod:`lqlr.kernels`); builds it now."""
+        from lqlr.nn.kernels import make_fast, resolve
+
+        self.kernel = resolve(kind, self)
+        self._kernel_request = kind
+        self._fast = make_fast(self, self.kernel)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._fast = None  # buffers may have moved: rebuild on the next forward
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_fast"] = None  # compiled plans are not copyable; rebuilt on the next forward
+        return state
+
+    # ----- compute ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "reference" and self._dense_cache is None and not (
+                torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            if self._fast is None:
+                self.set_kernel(self._kernel_request)
+            if self._fast is not None:
+                return self._fast(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pure-torch forward: dequantize Q' (and L', R') now, then dense products."""
+        rot = self.incoherence
+        xr = rot.V.apply(x) if rot else x  # x Vᵀ
+        if self._dense_cache is None and torch.is_grad_enabled() and xr.requires_grad:
+            y = _PackedMatmul.apply(xr, self)  # x' Q'ᵀ; backward re-dequantizes, the dense Q' is not kept
+        else:
+            Q = self._dense_cache if self._dense_cache is not None else self.stored_q()
+            y = F.linear(xr, Q.to(x.dtype))  # x' Q'ᵀ
+        if self.rank > 0:
+            L, R = self.stored_factors()
+            y = y + F.linear(F.linear(xr, R.to(x.dtype)), L.to(x.dtype))  # (x' R'ᵀ) L'ᵀ
+        if rot:
+            y = rot.U.apply_inverse(y)  # y U
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        q = self.spec["q"]
+        s = f"in_features={self.in_features}, out_features={self.out_features}, Q={q['kind']}{q['bits']}/g{q['group_size']}"
+        if self.rank:
+            s += f", rank={self.rank}, L={self.spec['l'].get('bits', 16)}b, R={self.spec['r'].get('bits', 16)}b"
+        if self.spec.get("rotation"):
+            s += ", incoherence"
+        return s + f", bias={self.bias is not None}"
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """y = x Q'ᵀ with Q' dequantized from the packed buffers in forward and again in backward, so
+    autograd saves only a reference to the module (packed codes), never a dense (out, in) Q'
+    (QLoRA-style). Q' is frozen: only the input gets a gradient, ∂x = ∂y Q'."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "QLRLinear") -> torch.Tensor:
+        ctx.module = module
+        return F.linear(x, module.stored_q().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        Q = ctx.module.stored_q().to(grad_y.dtype)  # (out, in)
+        return grad_y @ Q, None
+
+
+def _tensors(prefix: str, qt: QuantizedTensor | None, dense: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if qt is None:
+        return {f"{prefix}_weight": dense.to(torch.float16)}
+    return {f"{prefix}_{k}": v for k, v in qt.packed().items()}

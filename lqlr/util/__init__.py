@@ -1,0 +1,1 @@
+"""Helpers with no lqlr dependency: files, memory, meta-device construction."""

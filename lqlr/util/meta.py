@@ -1,0 +1,22 @@
+"""Build modules without allocating their weights (parameters on the meta device)."""
+from __future__ import annotations
+from contextlib import contextmanager
+from torch import nn
+
+
+@contextmanager
+def parameters_on_meta():
+    """Inside: every parameter a module registers lands on the meta device (buffers do not)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
