@@ -12,8 +12,15 @@ A whole model::
     model = lqlr.load("out/s3")                 # QLRLinear modules; lqlr.load(..., peft=True) to fine-tune
     lqlr.evaluate("out/s3")                     # WikiText-2 ppl, KL to the source, all-in bits, size
 """
-from lqlr.config import (BudgetConfig, CalibrationConfig, CompressConfig, EvalConfig, ExportConfig, Menu,
-                         QLRConfig)
+from lqlr.config import (
+                         BudgetConfig,
+                         CalibrationConfig,
+                         CompressConfig,
+                         EvalConfig,
+                         ExportConfig,
+                         Menu,
+                         QLRConfig,
+)
 from lqlr.core.bits import BitBreakdown, bit_breakdown, bits_per_param
 from lqlr.core.decompose import Decomposition, decompose
 from lqlr.core.grids import NormalFloatGrid, QuantizedTensor, UniformGrid, make_grid

@@ -1,8 +1,8 @@
 import pytest
 
-from lqlr.core.bits import bits_per_param
 from lqlr.budget.fit import InfeasibleBudgetError, fit_to_budget
 from lqlr.config import QLRConfig
+from lqlr.core.bits import bits_per_param
 
 
 @pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (192, 576), (64, 172)])
@@ -72,7 +72,7 @@ def _brute_force(errors, bits, params, budget):
 def test_milp_allocation_equals_brute_force(seed):
     import random
 
-    from lqlr.budget.milp import allocate
+    from lqlr.budget.milp import choose_options
 
     rng = random.Random(seed)
     n_mat, n_opt = rng.randint(2, 5), rng.randint(2, 4)
@@ -81,7 +81,7 @@ def test_milp_allocation_equals_brute_force(seed):
     errors = [sorted((rng.uniform(0.001, 0.2) for _ in range(n_opt)), reverse=True) for _ in range(n_mat)]
     budget = rng.uniform(min(map(min, bits)) + 0.2, 4.5)
     try:
-        choice = allocate(errors, bits, params, budget)
+        choice = choose_options(errors, bits, params, budget)
     except InfeasibleBudgetError:
         assert _brute_force(errors, bits, params, budget)[1] is None
         return
@@ -92,9 +92,9 @@ def test_milp_allocation_equals_brute_force(seed):
 
 
 def test_allocation_errors():
-    from lqlr.budget.milp import allocate
+    from lqlr.budget.milp import choose_options
 
     with pytest.raises(InfeasibleBudgetError, match="cheapest option"):
-        allocate([[0.1, 0.01]], [[3.0, 4.0]], [100], 2.5)
+        choose_options([[0.1, 0.01]], [[3.0, 4.0]], [100], 2.5)
     with pytest.raises(ValueError, match="same matrices"):
-        allocate([[0.1]], [[3.0], [4.0]], [100], 5.0)
+        choose_options([[0.1]], [[3.0], [4.0]], [100], 5.0)

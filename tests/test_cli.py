@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from lqlr.cli.compress import MainConf, CONFIG_DIR, qlr_config, register_configs, run
+from lqlr.cli.compress import CONFIG_DIR, MainConf, qlr_config, register_configs, run
 
 SMALL = ["model=stories260k", "data=wikitext2", "data.n_samples=8", "data.seq_len=64", "method.iters=2",
          "eval.seq_len=128", "eval.max_windows=2"]
@@ -99,3 +99,26 @@ def test_multirun_sweep_writes_one_result_per_run(tmp_path):
 def test_experiment_bundle():
     cfg = _compose(["experiment=quick"])
     assert cfg.model.name == "stories260k" and cfg.data.source == "wikitext2" and cfg.method.iters == 5
+
+
+def test_method_seed_reaches_the_decomposition():
+    """method.seed used to be accepted and dropped: now it wins over the run's seed, and null means the run's."""
+    assert qlr_config(_compose(["seed=5"]).method, 5).seed == 5
+    cfg = _compose(["seed=5", "method.seed=11"])
+    assert qlr_config(cfg.method, cfg.seed).seed == 11
+    from lqlr.cli.compress import compress_config
+
+    assert compress_config(cfg).qlr.seed == 11 and compress_config(_compose(["seed=3"])).qlr.seed == 3
+
+
+def test_the_schema_is_the_library_config():
+    import lqlr
+
+    cfg = _compose(["budget=auto", "budget.menu.rank=[0,8]", "data=wikitext2", "export.untouched_dtype=float32"])
+    assert isinstance(cfg.budget, lqlr.BudgetConfig) and isinstance(cfg.budget.menu, lqlr.Menu)
+    assert isinstance(cfg.data, lqlr.CalibrationConfig) and isinstance(cfg.export, lqlr.ExportConfig)
+    assert cfg.budget.menu.rank == [0, 8]
+    with pytest.raises(Exception, match="budget.mode='sideways': choose one of"):  # the library's own message
+        _compose(["budget.mode=sideways"])
+    with pytest.raises(Exception, match="budget=auto needs budget.bits"):
+        _compose(["budget=auto", "budget.bits=null"])

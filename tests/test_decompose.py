@@ -1,11 +1,11 @@
 import pytest
 import torch
+from conftest import correlated_hessian
 
 import lqlr
-from conftest import correlated_hessian
+from lqlr.core.grids import UniformGrid, quantize_rtn
 from lqlr.core.hessian import h_weighted_error, regularize
 from lqlr.core.ldlq import ldlq_plan, ldlq_round
-from lqlr.core.grids import UniformGrid, quantize_rtn
 
 
 def test_rank0_without_H_is_rtn(W_H):

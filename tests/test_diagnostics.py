@@ -4,7 +4,12 @@ import math
 import pytest
 import torch
 
-from lqlr.calibrate.diagnostics import effective_rank, hessian_effective_rank, matrix_effective_rank, twonn_dimension
+from lqlr.calibrate.diagnostics import (
+    effective_rank,
+    hessian_effective_rank,
+    matrix_effective_rank,
+    twonn_dimension,
+)
 from lqlr.cli.diagnose import main
 
 
@@ -55,11 +60,11 @@ def test_lqlr_diagnose_on_stories260k_writes_table_json_and_plot(tmp_path, capsy
 
 
 def test_allocator_prior_caps_the_ranks_offered():
-    from lqlr.config import Menu
-    from lqlr.budget.allocator import auto_plan
-    from lqlr.config import QLRConfig
-    from lqlr.calibrate.diagnostics import rank_ceilings
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lqlr.budget.allocator import auto_plan
+    from lqlr.calibrate.diagnostics import rank_ceilings
+    from lqlr.config import Menu, QLRConfig
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import lqlr
-from lqlr.core.arch import UnsupportedModelError
 from lqlr.budget.fit import InfeasibleBudgetError, fit_to_budget
-from lqlr.engine.checkpoints import BlockCheckpoints
-from lqlr.config import CompressConfig
-from lqlr.engine.blocks import compress_model
 from lqlr.calibrate.text import calibration_ids, text_from_path
-from lqlr.util.files import ExportWriteError
+from lqlr.config import CompressConfig
+from lqlr.core.arch import UnsupportedModelError
+from lqlr.engine.blocks import compress_model
+from lqlr.engine.checkpoints import BlockCheckpoints
+from lqlr.engine.models import load_model
 from lqlr.io.export import IntegrityError, read_manifest, save_compressed
 from lqlr.io.load import load
-from lqlr.engine.models import load_model
+from lqlr.util.files import ExportWriteError
 
 ONE_LINE = r"^[^\n]+$"
 

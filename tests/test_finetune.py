@@ -8,15 +8,15 @@ import torch
 from safetensors import safe_open
 
 import lqlr
-from lqlr.core.bits import SEED_BITS
 from lqlr.config import CompressConfig
+from lqlr.core.bits import SEED_BITS
 from lqlr.engine.blocks import compress_model
-from lqlr.io.load import load
-from lqlr.io.export import read_manifest, save_compressed
-from lqlr.finetune.train import FinetuneConfig, lr_factor, train
 from lqlr.finetune.lora import lora_factors, prepare
 from lqlr.finetune.merge import merge_adapter
 from lqlr.finetune.requantize import requantize_adapter, requantize_factors
+from lqlr.finetune.train import FinetuneConfig, lr_factor, train
+from lqlr.io.export import read_manifest, save_compressed
+from lqlr.io.load import load
 from lqlr.nn.layer import QLRLinear
 
 

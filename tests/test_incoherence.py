@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import correlated_hessian
+
 from lqlr.core.hessian import h_weighted_error
 from lqlr.core.incoherence import Incoherence, Rotation, hadamard
 

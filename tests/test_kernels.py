@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import lqlr
+from lqlr.core.grids import QuantizedTensor, make_grid, n_groups
 from lqlr.core.incoherence import Rotation
-from lqlr.nn.kernels import KERNELS, extension, resolve, set_kernel
+from lqlr.nn.kernels import KERNELS, extension, resolve
 from lqlr.nn.kernels.build import DISABLE_ENV
 from lqlr.nn.kernels.plan import packed_matrix, rotation
-from lqlr.nn.layer import QLRLinear
-from lqlr.core.grids import QuantizedTensor, make_grid, n_groups
+from lqlr.nn.layer import QLRLinear, set_kernel
 
 
 @pytest.fixture(scope="module")

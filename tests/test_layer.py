@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import correlated_hessian
 from torch import nn
 
 import lqlr
-from conftest import correlated_hessian
 from lqlr.nn.layer import QLRLinear
 
 CONFIGS = [

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 import lqlr
-from lqlr.core.arch import find_blocks
 from lqlr.config import CompressConfig
+from lqlr.core.arch import find_blocks
 from lqlr.engine.blocks import compress_model
-from lqlr.nn.layer import QLRLinear
 from lqlr.engine.lazy import lazy_model
+from lqlr.nn.layer import QLRLinear
 
 
 def _tiny_llama(tmp_path, tied=False):
@@ -60,8 +60,8 @@ def test_lazy_needs_safetensors(tmp_path):
 def test_cli_lazy_run_matches_eager(tmp_path):
     from test_cli import SMALL, _compose
 
-    from lqlr.cli.compress import run
     from lqlr.assets import assets_dir
+    from lqlr.cli.compress import run
 
     folder = assets_dir() / "stories260K"  # a plain safetensors checkpoint folder
     common = [o for o in SMALL if not o.startswith("model=")] + ["model=hub", f"model.name={folder}", "method=gptq",

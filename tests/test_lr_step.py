@@ -1,11 +1,11 @@
 import pytest
 import torch
-
 from conftest import correlated_hessian
-from lqlr.core.hessian import cholesky, h_weighted_error, regularize
-from lqlr.core.lowrank import lr_objective, lr_step, rank_k_fit
-from lqlr.core.ldlq import ldlq_plan
+
 from lqlr.core.grids import UniformGrid, quantize_rtn
+from lqlr.core.hessian import cholesky, h_weighted_error, regularize
+from lqlr.core.ldlq import ldlq_plan
+from lqlr.core.lowrank import lr_objective, lr_step, rank_k_fit
 
 
 def reference_rank_k(A, H, k):

@@ -7,11 +7,11 @@ import importlib.util
 import pytest
 import torch
 
+from lqlr.assets import assets_dir
 from lqlr.calibrate.text import calibration_ids, wikitext2_text
 from lqlr.engine.models import KNOWN_MODELS, load_model, smollm2_gguf
-from lqlr.assets import assets_dir
 
-# Greedy continuation of "Once upon a time" given in shared/assets/README.md ("Verification"),
+# Greedy continuation of "Once upon a time" given in lqlr/assets/README.md ("Verification"),
 # which also matches llama2.c's doc/stories260K.md.
 STORIES_GREEDY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "

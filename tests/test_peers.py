@@ -2,8 +2,16 @@
 import pytest
 import torch
 
-from lqlr.eval.peers import bnb_nf4_bits, bnb_nf4_quantize, fit_peer, hqq_bits, hqq_quantize, peer_options, quantize_with_peer
 from lqlr.core.grids import normal_float_levels
+from lqlr.eval.peers import (
+    bnb_nf4_bits,
+    bnb_nf4_quantize,
+    fit_peer,
+    hqq_bits,
+    hqq_quantize,
+    peer_options,
+    quantize_with_peer,
+)
 
 
 def test_bnb_nf4_matches_an_independent_nf4_absmax_quantizer():

@@ -1,10 +1,10 @@
 import pytest
 import torch
-
 from conftest import correlated_hessian
+
+from lqlr.core.grids import NormalFloatGrid, UniformGrid, quantize_rtn
 from lqlr.core.hessian import h_weighted_error, regularize
 from lqlr.core.ldlq import ldlq_plan, ldlq_round
-from lqlr.core.grids import NormalFloatGrid, UniformGrid, quantize_rtn
 
 
 def naive_ldlq(T, H, grid):

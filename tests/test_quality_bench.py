@@ -44,7 +44,7 @@ def test_every_sweep_composes(i):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lqlr.cli.compress import MainConf, CONFIG_DIR, register_configs
+    from lqlr.cli.compress import CONFIG_DIR, MainConf, register_configs
 
     methods, budgets, *extra = sweeps()[i]
     register_configs()

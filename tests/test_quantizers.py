@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from lqlr.core.grids import NormalFloatGrid, QuantizedTensor, UniformGrid, group_slices, normal_float_levels, quantize_rtn
+from lqlr.core.grids import (
+    NormalFloatGrid,
+    QuantizedTensor,
+    UniformGrid,
+    group_slices,
+    normal_float_levels,
+    quantize_rtn,
+)
 
 # QLoRA's published NF4 table (Dettmers et al. 2023, Appendix E / bitsandbytes)
 NF4_REFERENCE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

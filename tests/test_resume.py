@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import lqlr
-from lqlr.engine.checkpoints import BlockCheckpoints
 from lqlr.config import CompressConfig
 from lqlr.engine.blocks import compress_model
-from lqlr.nn.layer import QLRLinear
+from lqlr.engine.checkpoints import BlockCheckpoints
 from lqlr.engine.models import load_model
+from lqlr.nn.layer import QLRLinear
 
 CFG = CompressConfig(qlr=lqlr.QLRConfig(bq=2, rank=4, group_size=32, iters=2, incoherence=True))
 

@@ -12,12 +12,18 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import lqlr
-from lqlr.engine.checkpoints import BlockCheckpoints
-from lqlr.cli.compress import MainConf, CONFIG_DIR, register_configs, run
+from lqlr.cli.compress import CONFIG_DIR, MainConf, register_configs, run
 from lqlr.config import CompressConfig
 from lqlr.engine.blocks import compress_model
+from lqlr.engine.checkpoints import BlockCheckpoints
 from lqlr.engine.models import load_model
-from lqlr.engine.runners import LocalRunner, MatrixJob, check_runner, make_runner, run_job
+from lqlr.engine.runners import (
+    LocalRunner,
+    MatrixJob,
+    check_runner,
+    make_runner,
+    run_job,
+)
 
 CFG = lqlr.QLRConfig(bq=2, rank=4, group_size=32, iters=2, incoherence=True)
 SMALL = ["model=stories260k", "data=wikitext2", "data.n_samples=8", "data.seq_len=64", "method=caldera", "method.rank=4",

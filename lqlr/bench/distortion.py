@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from lqlr.config import QLRConfig
 from lqlr.core.decompose import decompose
-from lqlr.core.hessian import h_weighted_error
 from lqlr.core.grids import make_grid, quantize_rtn
+from lqlr.core.hessian import h_weighted_error
 
 Record = dict[str, Any]
 

@@ -9,7 +9,7 @@ DESIGN §4. Three steps:
 2. ``cost_table``: for every matrix and every option of the menu, decompose W under its H (from
    the uncompressed model, ``iters`` outer iterations: a cheap estimate) and record
    cost = Σ_r s_r (E H Eᵀ)_rr and the exact all-in bits.
-3. ``lqlr.budget.allocate``: the multiple-choice knapsack (scipy MILP) picks one option per
+3. ``lqlr.budget.milp.choose_options``: the multiple-choice knapsack (scipy MILP) picks one option per
    matrix minimising Σ cost with Σ params·bits ≤ budget·Σ params, so the exported model's all-in
    bits are within the budget by construction.
 """
@@ -24,13 +24,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lqlr.budget.milp import choose_options
+from lqlr.calibrate.capture import capture_hessians
+from lqlr.calibrate.diagnostics import rank_ceilings
+from lqlr.calibrate.sensitivity import output_sensitivity
+from lqlr.config import Menu, QLRConfig
 from lqlr.core.arch import target_linears, weight_of
 from lqlr.core.bits import bits_per_param
-from lqlr.config import QLRConfig
-from lqlr.config import Menu
-from lqlr.calibrate.capture import capture_hessians
-from lqlr.calibrate.sensitivity import output_sensitivity
-
+from lqlr.core.decompose import decompose
+from lqlr.util.files import atomic_write, fingerprint
 
 PRIORS = ("none", "intrinsic_dimension")
 
@@ -104,7 +106,6 @@ def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]] |
     ``known``: costs already measured, {matrix: {option_key: cost}}; only the missing ones are
     computed (``hessians``/``sensitivity`` may then be None if nothing is missing), and ``known``
     is filled in place."""
-    from lqlr.core.decompose import decompose
 
     known = {} if known is None else known
     names = list(names if names is not None else hessians)
@@ -139,9 +140,8 @@ def default_cache_dir() -> Path:
 
 def allocate_plan(table: CostTable, budget: float, iters: int) -> dict[str, QLRConfig]:
     """One option per matrix from the MILP, with the method's outer iterations restored for the final run."""
-    from lqlr.budget.milp import allocate
 
-    choice = allocate(table.costs, table.bits, table.params, budget)
+    choice = choose_options(table.costs, table.bits, table.params, budget)
     return {n: replace(opts[j], iters=iters if opts[j].rank else 1)
             for n, opts, j in zip(table.names, table.options, choice)}
 
@@ -165,7 +165,6 @@ def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: floa
     known: dict[str, dict[str, float]] = {}
     path = None
     if cache_dir is not None:
-        from lqlr.util.files import fingerprint
 
         key = fingerprint(*[weight_of(model.get_submodule(n)).detach() for n in names], ids, names, use_hessian)
         path = Path(cache_dir) / f"{key[:32]}.costs.json"
@@ -179,13 +178,11 @@ def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: floa
     table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian, known, names)
     del hessians
     if missing and path is not None:
-        from lqlr.util.files import atomic_write
 
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(known)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     if prior == "intrinsic_dimension":
-        from lqlr.calibrate.diagnostics import rank_ceilings
 
         table = table.restricted(rank_ceilings(model, ids, names))
     return allocate_plan(table, budget, base.iters), table

@@ -1,16 +1,16 @@
-"""Bit budgets: fit one method to a budget matrix by matrix, or allocate a menu of options globally.
+"""Uniform bit budgets: fit one method to an all-in budget, matrix by matrix.
 
 A user's "3 bits" is an all-in budget (DESIGN §3). For a Q-only method the largest BQ whose
 all-in bits fit is taken; for a Q + L·R method BQ and the factor bits stay as the method says and
 the rank k of each matrix is the largest that fits (a wide matrix gets a larger k than a narrow
-one at the same budget). ``allocate`` chooses one option per matrix from a menu under one global budget.
+one at the same budget). (The global allocator over a menu is lqlr.budget.allocator.)
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
-from lqlr.core.bits import bits_per_param
 from lqlr.config import QLRConfig
+from lqlr.core.bits import bits_per_param
 
 GROUP_FALLBACKS = (64, 128, 256)
 

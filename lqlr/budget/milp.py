@@ -1,9 +1,10 @@
-"""TODO docstring"""
+"""The allocation solver: one option per matrix, minimum total cost under one all-in bit budget (a MILP)."""
 from __future__ import annotations
+
 from lqlr.budget.fit import InfeasibleBudgetError
 
 
-def allocate(errors: "list[list[float]]", bits: "list[list[float]]", params: "list[int]", budget: float):
+def choose_options(errors: "list[list[float]]", bits: "list[list[float]]", params: "list[int]", budget: float):
     """One option per matrix minimising Σ errors[i][j] subject to Σ params[i]·bits[i][j] ≤ budget·Σ params[i].
 
     A multiple-choice knapsack solved exactly as a MILP with ``scipy.optimize.milp``: binary x_ij,

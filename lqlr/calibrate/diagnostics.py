@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lqlr.calibrate.capture import capture_hessians
+from lqlr.core.arch import find_blocks, target_linears, weight_of
+
 
 def twonn_dimension(X: torch.Tensor, discard: float = 0.1) -> float:
     """TwoNN intrinsic dimension of the rows of ``X`` (n, D); duplicate points are dropped first."""
@@ -84,8 +87,6 @@ def block_hidden_states(model: nn.Module, ids: torch.Tensor, max_points: int = 2
 def diagnose(model: nn.Module, ids: torch.Tensor, targets=None, max_points: int = 2000,
              progress: bool = True) -> list[BlockDiagnostics]:
     """TwoNN dimension of every block's outputs and effective ranks of every target W and H."""
-    from lqlr.calibrate.capture import capture_hessians
-    from lqlr.core.arch import find_blocks, target_linears, weight_of
 
     path, blocks = find_blocks(model)
     names = list(target_linears(model, targets))
@@ -107,7 +108,6 @@ def rank_ceilings(model: nn.Module, ids: torch.Tensor, names: list[str], scale: 
                   max_points: int = 2000) -> dict[str, int]:
     """The allocator's prior: a matrix in block i is offered ranks ≤ scale × the TwoNN dimension of
     block i's output hidden states (rank 0 is always offered)."""
-    from lqlr.core.arch import find_blocks
 
     path, _ = find_blocks(model)
     dims = [twonn_dimension(s) for s in block_hidden_states(model, ids, max_points)]

@@ -1,6 +1,8 @@
-"""TODO docstring"""
+"""Output sensitivity of each linear: the diagonal empirical Fisher of its output, (∂loss/∂y_r)² averaged over tokens."""
 from __future__ import annotations
+
 from typing import Iterable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm

@@ -24,7 +24,14 @@ from typing import Any, Optional
 import torch
 
 from lqlr.budget.fit import InfeasibleBudgetError
-from lqlr.config import (BudgetConfig, CalibrationConfig, CompressConfig, EvalConfig, ExportConfig, QLRConfig)
+from lqlr.config import (
+    BudgetConfig,
+    CalibrationConfig,
+    CompressConfig,
+    EvalConfig,
+    ExportConfig,
+    QLRConfig,
+)
 from lqlr.core.arch import target_linears
 from lqlr.engine.blocks import summary_table
 from lqlr.engine.models import load_model

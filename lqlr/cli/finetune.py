@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-
 from transformers import AutoTokenizer
 
 from lqlr.calibrate.text import calibration_ids, text_from_path, wikitext2_text

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lqlr.core.bits import BitBreakdown, bit_breakdown
 from lqlr.config import QLRConfig
+from lqlr.core.bits import BitBreakdown, bit_breakdown
+from lqlr.core.grids import QuantizedTensor, make_grid
 from lqlr.core.hessian import check_hessian, cholesky, h_weighted_error, regularize
 from lqlr.core.incoherence import Incoherence
+from lqlr.core.ldlq import LDLQPlan, Rounded, ldlq_plan, ldlq_round
 from lqlr.core.lowrank import Factors, lr_step
 from lqlr.core.q2n import q2n_rescale
-from lqlr.core.ldlq import LDLQPlan, Rounded, ldlq_plan, ldlq_round
-from lqlr.core.grids import QuantizedTensor, make_grid
 
 
 @dataclass

@@ -11,8 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from lqlr.core.grids import (
+    Grid,
+    QuantizedTensor,
+    encode_groups,
+    group_slices,
+    quantize_rtn,
+)
 from lqlr.core.hessian import DampedHessian, inverse_cholesky_upper
-from lqlr.core.grids import Grid, QuantizedTensor, encode_groups, group_slices, quantize_rtn
 
 
 @dataclass

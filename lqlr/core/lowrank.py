@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from lqlr.config import FLOAT_BITS
+from lqlr.core.grids import QuantizedTensor, make_grid
 from lqlr.core.hessian import regularize
 from lqlr.core.ldlq import LDLQPlan, ldlq_plan, ldlq_round
-from lqlr.core.grids import QuantizedTensor, make_grid
 
 EXACT_SVD_MAX_DIM = 1024  # "auto": exact SVD up to this min(out, in), randomized above
 

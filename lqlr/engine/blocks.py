@@ -25,11 +25,6 @@ from lqlr.engine.checkpoints import BlockCheckpoints
 from lqlr.engine.runners import LocalRunner, MatrixJob, ModuleReport, RayRunner
 
 
-
-
-
-
-
 class _StopForward(Exception):
     pass
 

@@ -13,10 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from lqlr.util.files import atomic_write
 from lqlr.nn.layer import QLRLinear
-
-
+from lqlr.util.files import atomic_write
 
 
 class BlockCheckpoints:

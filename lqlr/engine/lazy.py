@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from lqlr.core.arch import find_blocks
 from lqlr.util.meta import parameters_on_meta
-
-
 
 
 class ShardedCheckpoint:
@@ -74,7 +74,6 @@ def lazy_model(folder: str | Path, dtype=torch.float32):
     ``loader(block, prefix)`` that reads one block's parameters when the pipeline reaches it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lqlr.core.arch import find_blocks
 
     ckpt = ShardedCheckpoint(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)

@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
 from lqlr.assets import assets_dir
 
 __all__ = ["KNOWN_MODELS", "smollm2_gguf", "load_model"]

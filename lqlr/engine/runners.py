@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from lqlr.config import QLRConfig
+from lqlr.core.decompose import decompose
+from lqlr.core.hessian import h_weighted_error
+from lqlr.nn.layer import QLRLinear
 
 RUNNERS = ("local", "ray")
 
@@ -83,10 +86,6 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
 def run_job(job: MatrixJob, threads: int | None = None, device: str | None = None) -> MatrixResult:
     """Decompose one matrix with ``threads`` intra-op threads on ``device`` (None: where W is);
     the result lives on W's original device. Pure: no model, no I/O."""
-    from lqlr.engine.runners import ModuleReport
-    from lqlr.core.decompose import decompose
-    from lqlr.core.hessian import h_weighted_error
-    from lqlr.nn.layer import QLRLinear
 
     home = job.W.device
     W, H = (job.W, job.H) if device is None else (job.W.to(device), job.H.to(device))

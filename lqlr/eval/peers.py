@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lqlr.core.arch import is_conv1d, target_linears, weight_of
+
 PEERS = ("hqq", "bnb")
 HQQ_META_BITS = 32  # fp16 scale + fp16 zero per group
 BNB_BLOCK = 64
@@ -128,7 +130,6 @@ def quantize_with_peer(model: nn.Module, backend: str, targets=None, budget: flo
     (name, shape, the options used, all-in bits, relative Frobenius error)."""
     from tqdm.auto import tqdm
 
-    from lqlr.core.arch import is_conv1d, target_linears, weight_of
 
     fn = {"hqq": hqq_quantize, "bnb": bnb_nf4_quantize}.get(backend)
     if fn is None:

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
 import torch
 from torch import nn
 

@@ -1,9 +1,14 @@
-"""TODO docstring"""
+"""Merge a trained adapter into a plain transformers model (W = Q + B·A) with stock PEFT."""
 from __future__ import annotations
+
+import logging
 import os
 import tempfile
 from pathlib import Path
-import logging
+
+from lqlr.io.export import DENSE_DIR, qlr_modules, save_dense
+from lqlr.io.load import load
+
 log = logging.getLogger("lqlr.finetune")
 
 
@@ -13,8 +18,6 @@ def merge_adapter(path: str | os.PathLike, adapter: str | os.PathLike, out: str 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lqlr.io.export import DENSE_DIR, qlr_modules, save_dense
-    from lqlr.io.load import load
 
     src, out = Path(path), Path(out)
     if out.exists():

@@ -1,16 +1,32 @@
-"""TODO docstring"""
+"""Put a trained adapter's B, A back on the export's L, R grids: an lqlr export again, at the same all-in bits."""
 from __future__ import annotations
+
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
 import torch
+
+from lqlr.core.grids import make_grid, quantize_rtn
+from lqlr.core.lowrank import solve_psd
 from lqlr.finetune.lora import lora_factors
+from lqlr.io.export import (
+    ADAPTER_DIR,
+    BASE_FILE,
+    DENSE_DIR,
+    MANIFEST,
+    read_manifest,
+    save_adapter,
+    save_tensors,
+    write_manifest,
+)
+from lqlr.io.load import load
+from lqlr.nn.layer import FP16
 
 
 def _copy_export(src: Path, out: Path) -> None:
     """A copy of the export ``src`` at ``out`` (which must not exist yet), its manifest left out."""
-    from lqlr.io.export import MANIFEST
 
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose another output folder or delete it")
@@ -24,9 +40,6 @@ def requantize_factors(B: torch.Tensor, A: torch.Tensor, module) -> dict[str, to
     The pair is rotated into the stored basis (L' = U B, R' = A Vᵀ), R' is rounded to nearest on its
     grid, L is refit to min ‖L R̂ − L' R'‖_F (closed form) and rounded: one LPLR alternation with H = I.
     """
-    from lqlr.nn.layer import FP16
-    from lqlr.core.lowrank import solve_psd
-    from lqlr.core.grids import make_grid, quantize_rtn
 
     spec = module.spec
     if module.rank == 0 or "l" not in spec:
@@ -65,8 +78,6 @@ def requantize_adapter(path: str | os.PathLike, adapter: str | os.PathLike, out:
     Frobenius error of each requantized B·A). Returns that record."""
     from safetensors.torch import load_file
 
-    from lqlr.io.export import ADAPTER_DIR, BASE_FILE, DENSE_DIR, save_tensors, read_manifest, save_adapter, write_manifest
-    from lqlr.io.load import load
 
     src, out = Path(path), Path(out)
     manifest = read_manifest(src)

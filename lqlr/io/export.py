@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from lqlr.util.files import atomic_write, sha256_file
 
+from lqlr.nn.layer import QLRLinear
+from lqlr.util.files import atomic_write, sha256_file
 
 FORMAT = "lqlr"
 FORMAT_VERSION = 1
@@ -78,7 +79,6 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def qlr_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from lqlr.nn.layer import QLRLinear
 
     return {n: m for n, m in model.named_modules() if isinstance(m, QLRLinear)}
 

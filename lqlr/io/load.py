@@ -1,14 +1,19 @@
 """Load an export directory back: a transformers model with QLRLinear modules, or a PeftModel to train."""
 from __future__ import annotations
+
 import os
 from pathlib import Path
 from typing import Any
+
 import torch
 from safetensors.torch import load_file
+
 from lqlr.core.arch import set_module
-from lqlr.util.meta import parameters_on_meta
-from lqlr.nn.lora import zero_init_lora
 from lqlr.io.export import ADAPTER_DIR, BASE_FILE, IntegrityError, read_manifest
+from lqlr.nn.kernels import check_kernel
+from lqlr.nn.layer import QLRLinear, set_kernel
+from lqlr.nn.lora import zero_init_lora
+from lqlr.util.meta import parameters_on_meta
 
 
 def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, device: str | torch.device = "cpu",
@@ -26,8 +31,6 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lqlr.nn.kernels import check_kernel, set_kernel
-    from lqlr.nn.layer import QLRLinear
 
     check_kernel(kernel)
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lqlr.core.grids import QuantizedTensor, make_grid, n_groups
 from lqlr.core.incoherence import Incoherence, Rotation
 from lqlr.core.packing import packed_nbytes
-from lqlr.core.grids import QuantizedTensor, make_grid, n_groups
+from lqlr.nn.kernels import check_kernel, make_fast, resolve
 
 FP16 = "fp16"
 
@@ -183,8 +184,6 @@ class QLRLinear(nn.Linear):
     # ----- kernels ------------------------------------------------------------------------
     def set_kernel(self, kind: str = "auto") -> None:
         """Compute forward with kernel ``kind`` (see :mod:`lqlr.kernels`); builds it now."""
-        from lqlr.nn.kernels import make_fast, resolve
-
         self.kernel = resolve(kind, self)
         self._kernel_request = kind
         self._fast = make_fast(self, self.kernel)
@@ -257,3 +256,18 @@ def _tensors(prefix: str, qt: QuantizedTensor | None, dense: torch.Tensor | None
     if qt is None:
         return {f"{prefix}_weight": dense.to(torch.float16)}
     return {f"{prefix}_{k}": v for k, v in qt.packed().items()}
+
+
+def set_kernel(model: nn.Module, kind: str = "auto") -> dict[str, int]:
+    """Set the kernel of every QLRLinear in ``model`` (built now, so memory is allocated here).
+
+    Returns how many layers got each concrete kernel (``auto`` may differ per layer: a layer on a
+    non-CPU device falls back to the reference path).
+    """
+    check_kernel(kind)
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QLRLinear):
+            m.set_kernel(kind)
+            counts[m.kernel] = counts.get(m.kernel, 0) + 1
+    return counts

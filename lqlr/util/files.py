@@ -1,9 +1,11 @@
 """Files that are never half-written: atomic writes, sha256 of files, fingerprints of runs."""
 from __future__ import annotations
+
 import hashlib
 import json
 import os
 from pathlib import Path
+
 import torch
 
 

@@ -1,6 +1,8 @@
 """Build modules without allocating their weights (parameters on the meta device)."""
 from __future__ import annotations
+
 from contextlib import contextmanager
+
 from torch import nn
 
 

@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lqlr.nn.kernels.build import extension
+from lqlr.nn.kernels.plan import build_plan
 
 KERNELS = ("auto", "packed", "reference", "dense-fp32", "dense-fp16", "dense-bf16")
 _DENSE_DTYPES = {"dense-fp32": torch.float32, "dense-fp16": torch.float16, "dense-bf16": torch.bfloat16}
@@ -64,8 +64,6 @@ def make_fast(layer, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None
     if kind == "reference":
         return None
     if kind == "packed":
-        from lqlr.nn.kernels.plan import build_plan
-
         return build_plan(extension(), layer).forward
     dtype = _DENSE_DTYPES[kind]
     W = layer.dequantize().to(dtype)  # (out, in): Q + L·R in the original basis, materialised once
@@ -78,21 +76,4 @@ def make_fast(layer, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None
     return dense
 
 
-def set_kernel(model: nn.Module, kind: str = "auto") -> dict[str, int]:
-    """Set the kernel of every QLRLinear in ``model`` (built now, so memory is allocated here).
-
-    Returns how many layers got each concrete kernel (``auto`` may differ per layer: a layer on a
-    non-CPU device falls back to the reference path).
-    """
-    from lqlr.nn.layer import QLRLinear
-
-    check_kernel(kind)
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, QLRLinear):
-            m.set_kernel(kind)
-            counts[m.kernel] = counts.get(m.kernel, 0) + 1
-    return counts
-
-
-__all__ = ["KERNELS", "check_kernel", "packed_available", "resolve", "make_fast", "set_kernel", "extension"]
+__all__ = ["KERNELS", "check_kernel", "packed_available", "resolve", "make_fast", "extension"]

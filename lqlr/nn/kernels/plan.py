@@ -10,8 +10,8 @@ from types import ModuleType
 
 import torch
 
-from lqlr.core.incoherence import Rotation, rotation_parts
 from lqlr.core.grids import normal_float_levels
+from lqlr.core.incoherence import Rotation, rotation_parts
 
 # at most this many rows of x go through the packed GEMV; more rows (prefill) dequantize a tile
 # of the matrix and use a dense GEMM
