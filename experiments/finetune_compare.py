@@ -1,6 +1,6 @@
 """Compare adapter initialisations under the same fine-tuning (steps, data, lr, seed), one model at a time.
 
-    # three exports at the same all-in bits (see README, "Fine-tuning the adapter")
+    # three exports at the same all-in bits (see docs/finetuning.md)
     python experiments/finetune_compare.py --label stories260k --lqlr OUT/st-lqlr --qonly OUT/st-gptq \
         --loftq OUT/st-loftq --steps 100 --batch-size 8 --seq-len 256 --lr 2e-3 --eval-seq-len 512 --eval-windows 16
 

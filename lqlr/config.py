@@ -13,6 +13,8 @@ import itertools
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
+from lqlr.util.devices import check_device
+
 GRIDS = ("uniform", "nf")
 ORDERS = ("lr_first", "q_first")
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -28,7 +30,7 @@ def _check(cond: bool, message: str) -> None:
 class QLRConfig:
     """How to decompose one weight matrix W (out × in) as Q + L·R.
 
-    Notation follows DESIGN.md: Q has ``bq`` bits per entry on a grid with groups of
+    Notation follows docs/design.md: Q has ``bq`` bits per entry on a grid with groups of
     ``group_size`` input columns; L (out × k) and R (k × in) have ``bl`` and ``br`` bits, with
     k = ``rank``. ``rank=0`` is Q only (LDLQ/GPTQ with a Hessian, round-to-nearest without);
     ``bl = br = 16`` keeps the factors as 16-bit floats (LoftQ / LQ-LoRA style).
@@ -236,6 +238,9 @@ class CompressConfig:
     CALDERA). ``use_hessian=False`` decomposes under H = I (RTN, LoftQ; errors still reported under
     H). ``lm_head`` also compresses the output projection. ``lazy`` reads each block from the
     checkpoint only when it is compressed (a model name or folder; the model never whole in RAM).
+    ``device``: where the matrix decompositions run (``auto``: CUDA when present, else the CPU;
+    ``cpu``, ``cuda``, ``cuda:N``, ``mps``); with ``auto`` a matrix that runs out of GPU memory is
+    decomposed again on the CPU.
     """
 
     qlr: QLRConfig = field(default_factory=QLRConfig)
@@ -245,6 +250,7 @@ class CompressConfig:
     use_hessian: bool = True
     lm_head: bool = False
     lazy: bool = False
+    device: str = "auto"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -256,6 +262,7 @@ class CompressConfig:
                 setattr(self, name, cls(**getattr(self, name)))
         _check(self.hessian_mode in HESSIAN_MODES, f"hessian_mode={self.hessian_mode!r}: choose one of {HESSIAN_MODES}")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
+        check_device(self.device)
         _check(not (self.lazy and self.calibration.source == "self"),
                "data=self samples text from the whole model; with model.lazy=true use data=wikitext2, text or hub")
         _check(not (self.lazy and self.budget.mode == "auto"),

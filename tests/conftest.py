@@ -17,3 +17,13 @@ def W_H():
     gen = torch.Generator().manual_seed(1)
     W = torch.randn(96, 128, generator=gen)
     return W, correlated_hessian(128, seed=2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a CUDA GPU: skipped cleanly without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,6 +1,5 @@
 """Per-matrix plans: override rules, the output sensitivities, the cost table and the allocator end to end."""
 import itertools
-import sys
 from dataclasses import replace
 
 import pytest

@@ -1,6 +1,6 @@
 """Global bit allocation: one (BQ, rank, group, factor bits) per matrix under one all-in budget.
 
-DESIGN §4. Three steps:
+docs/design.md §4. Three steps:
 
 1. ``output_sensitivity``: s_r = mean over calibration tokens of (∂loss/∂y_r)², the diagonal
    Fisher of each target linear's output y. A weight error E changes y by E x, so the loss moves

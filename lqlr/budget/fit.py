@@ -1,6 +1,6 @@
 """Uniform bit budgets: fit one method to an all-in budget, matrix by matrix.
 
-A user's "3 bits" is an all-in budget (DESIGN §3). For a Q-only method the largest BQ whose
+A user's "3 bits" is an all-in budget (docs/design.md §3). For a Q-only method the largest BQ whose
 all-in bits fit is taken; for a Q + L·R method BQ and the factor bits stay as the method says and
 the rank k of each matrix is the largest that fits (a wide matrix gets a larger k than a narrow
 one at the same budget). (The global allocator over a menu is lqlr.budget.allocator.)

@@ -94,6 +94,7 @@ class MainConf:
     resume: bool = True  # checkpoint each finished block next to output_dir; a rerun after a crash resumes, a finished run is skipped
     runner: str = "local"  # local (this process) | ray (one Ray task per matrix; same bytes as local)
     threads: Optional[int] = None  # intra-op threads per matrix decomposition, both runners (null: torch's default)
+    device: str = "auto"  # where the decompositions run: auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps
     ray: RayConf = field(default_factory=RayConf)
     seed: int = 0  # the decomposition's seed (method.seed overrides it); the calibration sample has data.seed
     progress: bool = True
@@ -120,7 +121,8 @@ def compress_config(cfg: MainConf) -> CompressConfig:
     """The library config a command line describes."""
     return CompressConfig(qlr=qlr_config(cfg.method, cfg.seed), targets=cfg.model.targets,
                           hessian_mode=cfg.method.hessian_mode, use_hessian=cfg.method.use_hessian,
-                          lm_head=cfg.model.lm_head, lazy=cfg.model.lazy, calibration=cfg.data, budget=cfg.budget,
+                          lm_head=cfg.model.lm_head, lazy=cfg.model.lazy, device=cfg.device, calibration=cfg.data,
+                          budget=cfg.budget,
                           export=cfg.export)
 
 
@@ -155,7 +157,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
     resume_dir = out_dir.with_name(out_dir.name + ".checkpoints") if cfg.resume else None
     source = {"method": cfg.method.name}
-    runner = make_runner(cfg.runner, cfg.threads, **(asdict(cfg.ray) if cfg.runner == "ray" else {}))
+    runner = make_runner(cfg.runner, cfg.threads, cfg.device, **(asdict(cfg.ray) if cfg.runner == "ray" else {}))
     if cfg.model.lazy:  # the dense model is never whole in memory: no KL reference
         model, tokenizer, reference = cfg.model.name, None, None
     else:

@@ -1,4 +1,4 @@
-"""Honest all-in bit accounting (DESIGN §3).
+"""Honest all-in bit accounting (docs/design.md §3).
 
 bits/param of a matrix = (out·in·BQ + Q's scale/zero bits + k·(out + in)·B_LR + L, R scale bits
 + rotation seeds) / (out·in). The rotation seeds (two 64-bit integers) are counted when

@@ -1,4 +1,4 @@
-"""The alternating optimizer: W ≈ Q + L R under the layer Hessian H (CALDERA, DESIGN §2).
+"""The alternating optimizer: W ≈ Q + L R under the layer Hessian H (CALDERA, docs/design.md §2).
 
     Q, L, R = 0
     repeat T times:  LR step (L, R ← low-bit rank-k fit of W − Q under H)

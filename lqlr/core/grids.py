@@ -13,7 +13,7 @@ dimension and encode ``dim`` consecutive columns at once — the column loop in
 :mod:`lqlr.q_step` steps by ``grid.dim``.
 
 Storage is ``bits`` per weight plus ``overhead_bits`` per (row, group), the one formula
-b + b₀/B₀ of DESIGN §3.
+b + b₀/B₀ of docs/design.md §3.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class UniformGrid(Grid):
             return best
         # min over shrink factors p of ||x − round_p(x)||² per row (GPTQ's "mse" range search)
         best_err = (self.decode(self.encode(x, best), best) - x).pow(2).sum(dim=1, keepdim=True)
-        for p in torch.linspace(1.0, self.clip_min, self.clip_grid)[1:].tolist():
+        for p in torch.linspace(1.0, self.clip_min, self.clip_grid, device="cpu")[1:].tolist():  # host scalars
             cand = self._params(p * xmin, p * xmax)
             err = (self.decode(self.encode(x, cand), cand) - x).pow(2).sum(dim=1, keepdim=True)
             better = err < best_err
@@ -140,9 +140,9 @@ def normal_float_levels(bits: int, offset: float | None = None) -> torch.Tensor:
 
     offset = 0.9677083 if offset is None else offset
     half = 2 ** (bits - 1)
-    pos = norm.ppf(torch.linspace(offset, 0.5, half + 1)[:-1].double().numpy()).tolist()
-    neg = (-norm.ppf(torch.linspace(offset, 0.5, half)[:-1].double().numpy())).tolist()
-    levels = torch.tensor(sorted(pos + [0.0] + neg), dtype=torch.float64)
+    pos = norm.ppf(torch.linspace(offset, 0.5, half + 1, device="cpu")[:-1].double().numpy()).tolist()
+    neg = (-norm.ppf(torch.linspace(offset, 0.5, half, device="cpu")[:-1].double().numpy())).tolist()
+    levels = torch.tensor(sorted(pos + [0.0] + neg), dtype=torch.float64, device="cpu")  # moved to the data's device on use
     return (levels / levels.abs().max()).to(torch.float32)
 
 

@@ -1,7 +1,7 @@
 """Numerical guards for the layer Hessian H (in × in): damping, dead inputs, Cholesky factors.
 
 All of lqlr's factorisations of H go through :func:`regularize`, so the ridge and the
-dead-input rule are the same everywhere (DESIGN §1: add δ·mean(diag H)·I before factorising).
+dead-input rule are the same everywhere (docs/design.md §1: add δ·mean(diag H)·I before factorising).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ def hadamard(p: int) -> torch.Tensor:
     """Normalised Sylvester Hadamard matrix (p × p, p a power of two): symmetric and orthogonal."""
     if p & (p - 1):
         raise ValueError(f"Sylvester Hadamard needs a power of two, got {p}")
-    Hm = torch.ones(1, 1, dtype=torch.float64)
+    Hm = torch.ones(1, 1, dtype=torch.float64, device="cpu")  # cached on the host, moved to the data's device on use
     while Hm.shape[0] < p:
         Hm = torch.cat([torch.cat([Hm, Hm], 1), torch.cat([Hm, -Hm], 1)], 0)
     return (Hm / Hm.shape[0] ** 0.5).to(torch.float32)
@@ -28,11 +28,12 @@ def hadamard(p: int) -> torch.Tensor:
 @lru_cache(maxsize=256)
 def rotation_parts(n: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random signs (n,) and the odd-part orthogonal O_m of the rotation (n, seed)."""
+    # drawn on the host from a CPU generator, so a seed gives the same rotation on every device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float32) * 2 - 1
+    signs = torch.randint(0, 2, (n,), generator=gen, device="cpu").to(torch.float32) * 2 - 1
     if m == 1:
-        return signs, torch.ones(1, 1)
-    G = torch.randn(m, m, generator=gen, dtype=torch.float64)
+        return signs, torch.ones(1, 1, device="cpu")
+    G = torch.randn(m, m, generator=gen, dtype=torch.float64, device="cpu")
     Qm, Rm = torch.linalg.qr(G)
     Qm = Qm * torch.sign(torch.diagonal(Rm))[None, :]  # unique (Haar) orthogonal factor
     return signs, Qm.to(torch.float32)
@@ -72,9 +73,9 @@ class Rotation:
         Y = Y @ hadamard(self.p).to(X)
         return (Y.reshape(X.shape)) * signs.to(X)
 
-    def matrix(self) -> torch.Tensor:
-        """Dense V (n, n)."""
-        return self.apply(torch.eye(self.n)).T
+    def matrix(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Dense V (n, n), on ``device``."""
+        return self.apply(torch.eye(self.n, device=device)).T
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Closed form (no quantization): min_{rank M ≤ k} ‖(A − M) C‖_F with H = C Cᵀ is
 M = [A C]_k C⁻¹ (truncated SVD); L = U√S, R = √S Vᵀ C⁻¹ split the singular values evenly.
-Low-bit factors then alternate (DESIGN §2):
+Low-bit factors then alternate (docs/design.md §2):
   L ← A H Rᵀ (R H Rᵀ)⁻¹, rounded with Hessian R H Rᵀ (the rows of L see inputs R x);
   R ← (Lᵀ L)⁻¹ Lᵀ A, rounded with Hessian H.
 """
@@ -20,15 +20,17 @@ from lqlr.core.ldlq import LDLQPlan, ldlq_plan, ldlq_round
 EXACT_SVD_MAX_DIM = 1024  # "auto": exact SVD up to this min(out, in), randomized above
 
 
-def _top_svd(apply, apply_t, m: int, n: int, k: int, exact_matrix, method: str, seed: int):
+def _top_svd(apply, apply_t, m: int, n: int, k: int, exact_matrix, method: str, seed: int,
+             device: torch.device):
     """Top-k SVD (U, S, Vh) of an implicit m × n matrix B given products B·X and Bᵀ·Y."""
     if method == "exact" or (method == "auto" and min(m, n) <= EXACT_SVD_MAX_DIM):
         U, S, Vh = torch.linalg.svd(exact_matrix(), full_matrices=False)
         return U[:, :k], S[:k], Vh[:k]
     # randomized range finder with power iterations (Halko, Martinsson & Tropp 2011)
     q = min(k + 16, m, n)
+    # the test matrix is drawn on the host (the same omega for a seed on every device), then moved to the data
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(n, q, generator=gen, dtype=torch.float32)
+    omega = torch.randn(n, q, generator=gen, dtype=torch.float32, device="cpu").to(device)  # (n, q)
     Y = apply(omega)  # (m, q)
     for _ in range(4):
         Y = torch.linalg.qr(Y).Q
@@ -53,7 +55,7 @@ def rank_k_fit(A: torch.Tensor, C: torch.Tensor | None, k: int, method: str = "a
     else:
         apply, apply_t = (lambda X: A @ (C @ X)), (lambda Y: C.T @ (A.T @ Y))
         exact = lambda: A @ C  # noqa: E731
-    U, S, Vh = _top_svd(apply, apply_t, m, n, k, exact, method, seed)
+    U, S, Vh = _top_svd(apply, apply_t, m, n, k, exact, method, seed, A.device)
     root = S.clamp_min(0).sqrt()
     L = U * root  # (m, k)
     Rc = root[:, None] * Vh  # (k, n) = √S Vᵀ in the C basis

@@ -1,4 +1,4 @@
-"""Q2N error reshaping (seed 003, DESIGN §2), part (a): a per-row rescale of Q under H.
+"""Q2N error reshaping (seed 003, docs/design.md §2), part (a): a per-row rescale of Q under H.
 
 Each row q_i of the rounded Q is scaled by
     α_i = (t_i H q_iᵀ + λ_i) / (q_i H q_iᵀ + λ_i),   λ_i = ρ · q_i H q_iᵀ,

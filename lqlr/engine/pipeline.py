@@ -24,7 +24,7 @@ from lqlr.engine.blocks import compress_model
 from lqlr.engine.checkpoints import BlockCheckpoints
 from lqlr.engine.lazy import lazy_model, resolve_checkpoint
 from lqlr.engine.models import load_model
-from lqlr.engine.runners import LocalRunner, ModuleReport, RayRunner
+from lqlr.engine.runners import LocalRunner, ModuleReport, RayRunner, local_runner
 from lqlr.io.export import check_output_dir, save_compressed
 from lqlr.util.files import fingerprint
 
@@ -99,6 +99,8 @@ def compress(model: nn.Module | str, config: CompressConfig | QLRConfig | None =
     if resume_dir is not None:
         run_id = fingerprint(str(name), calibration, cfg.to_dict())
         checkpoints = BlockCheckpoints(resume_dir, run_id)
+    if runner is None:
+        runner = local_runner(device=cfg.device)
     reports = compress_model(model, calibration, cfg, plan=plan, progress=progress, load_block=load_block,
                              checkpoints=checkpoints, runner=runner)
     out = None

@@ -13,6 +13,7 @@ run gives the same bytes whichever runner did the work.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ from lqlr.config import QLRConfig
 from lqlr.core.decompose import decompose
 from lqlr.core.hessian import h_weighted_error
 from lqlr.nn.layer import QLRLinear
+from lqlr.util.devices import is_out_of_memory, resolve_device
+
+log = logging.getLogger("lqlr")
 
 RUNNERS = ("local", "ray")
 
@@ -83,10 +87,24 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def run_job(job: MatrixJob, threads: int | None = None, device: str | None = None) -> MatrixResult:
+def run_job(job: MatrixJob, threads: int | None = None, device: str | torch.device | None = None,
+            cpu_fallback: bool = False) -> MatrixResult:
     """Decompose one matrix with ``threads`` intra-op threads on ``device`` (None: where W is);
-    the result lives on W's original device. Pure: no model, no I/O."""
+    the result lives on W's original device. Pure: no model, no I/O. ``cpu_fallback``: a GPU
+    out-of-memory error is logged and the matrix is decomposed again on the CPU."""
+    try:
+        return _run_job(job, threads, device)
+    except Exception as err:
+        if not (cpu_fallback and is_out_of_memory(err)) or torch.device(device or job.W.device).type == "cpu":
+            raise
+        log.warning("%s (%d×%d): out of GPU memory on %s, decomposing it on the CPU instead", job.name,
+                    *job.W.shape, device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return _run_job(job, threads, "cpu")
 
+
+def _run_job(job: MatrixJob, threads: int | None, device: str | torch.device | None) -> MatrixResult:
     home = job.W.device
     W, H = (job.W, job.H) if device is None else (job.W.to(device), job.H.to(device))
     qcfg = job.qcfg
@@ -107,10 +125,14 @@ def run_job(job: MatrixJob, threads: int | None = None, device: str | None = Non
 
 class LocalRunner:
     """Decompose in this process, one matrix at a time, with ``threads`` intra-op threads
-    (None: torch's current setting)."""
+    (None: torch's current setting) on ``device`` (None: where each matrix is; ``cpu_fallback``:
+    a matrix that runs out of GPU memory is decomposed on the CPU)."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, device: str | torch.device | None = None,
+                 cpu_fallback: bool = False) -> None:
         self.threads = threads
+        self.device = device
+        self.cpu_fallback = cpu_fallback
 
     def depth(self, matrices_per_block: int) -> int:
         """Nothing runs in the background: each block is gathered at once."""
@@ -120,7 +142,7 @@ class LocalRunner:
         return jobs
 
     def gather(self, handle: list[MatrixJob]) -> list[MatrixResult]:
-        return [run_job(job, self.threads) for job in handle]
+        return [run_job(job, self.threads, self.device, self.cpu_fallback) for job in handle]
 
     def close(self) -> None:
         pass
@@ -227,9 +249,20 @@ def check_runner(kind: str, threads: int | None = None) -> None:
         _import_ray()
 
 
-def make_runner(kind: str = "local", threads: int | None = None, **ray_options) -> LocalRunner | RayRunner:
-    """A runner by name (``local`` or ``ray``); ``ray_options`` go to :class:`RayRunner`."""
+def make_runner(kind: str = "local", threads: int | None = None, device: str = "auto",
+                **ray_options) -> LocalRunner | RayRunner:
+    """A runner by name (``local`` or ``ray``); ``ray_options`` go to :class:`RayRunner` (whose
+    tasks take a GPU of the cluster when it has one). ``device``: where a local runner decomposes
+    (lqlr.util.devices.resolve_device; ``auto`` falls back to the CPU on GPU out-of-memory)."""
     check_runner(kind, threads)
     if kind == "local":
-        return LocalRunner(threads)
+        return local_runner(threads, device)
     return RayRunner(threads=threads, **ray_options)
+
+
+def local_runner(threads: int | None = None, device: str = "auto") -> LocalRunner:
+    """A :class:`LocalRunner` on the device ``device`` names (the CPU path is unchanged: no copies)."""
+    target = resolve_device(device)
+    if target.type == "cpu":
+        return LocalRunner(threads)
+    return LocalRunner(threads, target, cpu_fallback=device == "auto")

@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN §6): WikiText-2 perplexity and KL divergence to the uncompressed model, in one pass.
+"""Evaluation (docs/design.md §6): WikiText-2 perplexity and KL divergence to the uncompressed model, in one pass.
 
 ``quality`` is the one evaluation loop: each batch of windows goes through the model (and the
 reference, when given) once, and perplexity of both and KL(reference ‖ model) come out of the same

@@ -7,7 +7,7 @@
     requantize_adapter(path, adapter_dir, out_dir) # optional: L, R back on their grids, an lqlr export again
 
 The base stays packed during training: ``QLRLinear`` dequantizes Q' in forward and again in
-backward, never keeping a dense copy for autograd (DESIGN §5). Gradients flow through Q' to the
+backward, never keeping a dense copy for autograd (docs/design.md §5). Gradients flow through Q' to the
 input, and only the LoRA weights receive them.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Write a compressed model to one directory (DESIGN §5), and load it back.
+"""Write a compressed model to one directory (docs/design.md §5), and load it back.
 
     manifest.json           format version, source, per-module spec and bits, sha256 of every file
     config.json             the model's transformers config
@@ -141,7 +141,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
     """Write the export directory; returns its path. The manifest (with checksums) is written last.
 
     ``untouched_dtype``: storage of the tensors that are not compressed (embeddings, norms, LM head),
-    16-bit by default (DESIGN §3); ``"float32"`` keeps them bit-exact.
+    16-bit by default (docs/design.md §3); ``"float32"`` keeps them bit-exact.
     """
     if untouched_dtype not in UNTOUCHED_DTYPES:
         raise ValueError(f"untouched_dtype={untouched_dtype!r}: choose one of {sorted(UNTOUCHED_DTYPES)}")

@@ -141,7 +141,8 @@ class QLRLinear(nn.Linear):
         """(L', R') as stored: (out, k) and (k, in)."""
         k = self.rank
         if k == 0:
-            return torch.zeros(self.out_features, 0), torch.zeros(0, self.in_features)
+            dev = self.q_scale.device
+            return torch.zeros(self.out_features, 0, device=dev), torch.zeros(0, self.in_features, device=dev)
         return self._matrix("l", self.out_features, k), self._matrix("r", k, self.in_features)
 
     def q_weight(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ def packed_matrix(ext: ModuleType, layer, prefix: str, rows: int, cols: int):
     spec = layer.spec[prefix]
     if spec["kind"] == "fp16":
         w = getattr(layer, f"{prefix}_weight")
-        return ext.Packed(w.to(torch.float16).contiguous(), torch.empty(0, dtype=torch.float16), None, None,
+        return ext.Packed(w.to(torch.float16).contiguous(), torch.empty(0, dtype=torch.float16, device=w.device), None, None,
                           rows, cols, 16, cols)
     bits, group = int(spec["bits"]), int(spec["group_size"])
     scale = getattr(layer, f"{prefix}_scale")
