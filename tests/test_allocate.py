@@ -164,7 +164,7 @@ def test_cost_table_is_cached_and_reused_across_budgets_and_priors(tmp_path, mon
     def boom(*a, **k):
         raise AssertionError("the cached costs should have been used")
 
-    monkeypatch.setattr(A, "capture_hessians", boom)
+    monkeypatch.setattr(A, "blockwise_hessians", boom)
     plan2, t2 = auto_plan(model, ids, QLRConfig(group_size=32), 3.0, menu, progress=False, cache_dir=tmp_path)
     assert plan2 == plan1 and t2.costs == t1.costs
     plan3, _ = auto_plan(model, ids, QLRConfig(group_size=32), 2.6, menu, progress=False, cache_dir=tmp_path)
@@ -245,3 +245,21 @@ def test_menu_rotation_choice_is_a_superset_of_both_settings(tmp_path):
         assert (m["spec"]["rotation"] is not None) == plan[n].incoherence
         assert m["bits_per_param"] == pytest.approx(bits_per_param(*m["shape"], plan[n]))
 
+
+
+def test_blockwise_cost_table_equals_the_one_from_whole_model_hessians():
+    from lqlr.budget.allocator import cost_table
+    from lqlr.calibrate.capture import capture_hessians
+    from lqlr.calibrate.sensitivity import output_sensitivity
+
+    model = _tiny()
+    ids = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(5))
+    menu = Menu(bq=[2, 3], rank=[0, 8], group_size=[32])
+    base = QLRConfig(group_size=32)
+    _, table = auto_plan(model, ids, base, 3.0, menu, progress=False)
+    names = list(target_linears(model))
+    ref = cost_table(model, capture_hessians(model, ids, names, progress=False),
+                     output_sensitivity(model, ids, names, progress=False), menu, base, progress=False, names=names)
+    assert table.names == ref.names and table.options == ref.options and table.bits == ref.bits
+    for a, b in zip(table.costs, ref.costs):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-12)

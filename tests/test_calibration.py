@@ -126,3 +126,49 @@ def test_capture_on_stories260k(stories) -> None:
         assert eig.min() >= -1e-6 * eig.max(), name
         assert eig.max() > 0, name
     assert _hook_count(model) == 0
+
+
+def test_blockwise_hessians_equal_the_whole_model_capture_and_free_each_block(stories) -> None:
+    import gc
+    import weakref
+
+    from lqlr.calibrate.capture import blockwise_hessians
+    from lqlr.core.arch import target_linears
+
+    model, _ = stories
+    ids = torch.randint(3, 512, (6, 32), generator=torch.Generator().manual_seed(3))
+    names = list(target_linears(model))
+    whole = capture_hessians(model, ids, names, batch_size=4, progress=False)
+    seen, previous = {}, []
+    for i, hess in blockwise_hessians(model, ids, names, batch_size=4, progress=False):
+        gc.collect()
+        assert all(r() is None for r in previous), "the previous block's Hessians are still alive"
+        assert all(n.startswith(f"model.layers.{i}.") for n in hess)
+        for n, (H, count) in hess.items():
+            torch.testing.assert_close(H, whole[n][0], rtol=1e-5, atol=1e-7)
+            assert count == whole[n][1] == 6 * 32
+            seen[n] = True
+        previous = [weakref.ref(H) for H, _ in hess.values()]
+        del hess, H
+    assert set(seen) == set(names)
+
+
+def test_layers_reading_one_input_share_one_accumulator(stories) -> None:
+    from lqlr.calibrate.capture import hessian_hooks
+    from lqlr.core.arch import target_linears
+
+    model, _ = stories
+    ids = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(4))
+    block = {n: m for n, m in target_linears(model).items() if n.startswith("model.layers.1.")}
+    with hessian_hooks(block) as hooks, torch.no_grad():
+        model(ids)
+    hess = hooks.hessians()
+    p = "model.layers.1."
+    assert {hooks.shared[p + s] for s in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")} == {p + "self_attn.q_proj"}
+    assert hooks.shared[p + "mlp.up_proj"] == p + "mlp.gate_proj" and hooks.shared[p + "mlp.down_proj"] == p + "mlp.down_proj"
+    assert hooks.shared[p + "self_attn.o_proj"] == p + "self_attn.o_proj"
+    assert len(hooks.accumulators) == 4  # q/k/v, o, gate/up, down: 4 Hessians held instead of 7
+    assert hess[p + "self_attn.k_proj"][0] is hess[p + "self_attn.q_proj"][0]
+    alone = capture_hessians(model, ids, [p + "self_attn.k_proj", p + "mlp.up_proj"], progress=False)  # no partner
+    for n in alone:
+        torch.testing.assert_close(hess[n][0], alone[n][0], rtol=1e-6, atol=1e-8)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lqlr.budget.milp import choose_options
-from lqlr.calibrate.capture import capture_hessians
+from lqlr.calibrate.capture import blockwise_hessians
 from lqlr.calibrate.diagnostics import rank_ceilings
 from lqlr.calibrate.sensitivity import output_sensitivity
 from lqlr.config import Menu, QLRConfig
@@ -138,6 +138,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LQLR_CACHE") or Path.home() / ".cache" / "lqlr") / "cost_tables"
 
 
+def _save_costs(path: Path, known: dict[str, dict[str, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(known)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def allocate_plan(table: CostTable, budget: float, iters: int) -> dict[str, QLRConfig]:
     """One option per matrix from the MILP, with the method's outer iterations restored for the final run."""
 
@@ -165,24 +171,22 @@ def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: floa
     known: dict[str, dict[str, float]] = {}
     path = None
     if cache_dir is not None:
-
         key = fingerprint(*[weight_of(model.get_submodule(n)).detach() for n in names], ids, names, use_hessian)
         path = Path(cache_dir) / f"{key[:32]}.costs.json"
         if path.is_file():
             known = json.loads(path.read_text())
-    missing = any(missing_options(matrix_options(model, names, menu, base, fixed), known).values())
-    hessians = sens = None
-    if missing:  # (every option already measured: no Hessians, sensitivities or decompositions at all)
-        hessians = capture_hessians(model, ids, names, progress=progress)
+    todo = missing_options(matrix_options(model, names, menu, base, fixed), known)
+    if any(todo.values()):  # (every option already measured: no Hessians, sensitivities or decompositions at all)
         sens = output_sensitivity(model, ids, names, progress=progress)
-    table = cost_table(model, hessians, sens, menu, base, fixed, progress, use_hessian, known, names)
-    del hessians
-    if missing and path is not None:
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(known)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        wanted = [n for n in names if todo[n]]
+        # one block's Hessians at a time: captured, turned into that block's costs, then freed
+        for _, hessians in blockwise_hessians(model, ids, wanted, progress=progress):
+            cost_table(model, hessians, sens, menu, base, fixed, False, use_hessian, known, list(hessians))
+            del hessians
+            if path is not None:  # an interrupted run keeps every finished block's costs
+                _save_costs(path, known)
+        del sens
+    table = cost_table(model, None, None, menu, base, fixed, False, use_hessian, known, names)
     if prior == "intrinsic_dimension":
-
         table = table.restricted(rank_ceilings(model, ids, names))
     return allocate_plan(table, budget, base.iters), table

@@ -7,15 +7,16 @@ compression steps need. Sums are kept in float64 and divided once at the end.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import weakref
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lqlr.core.arch import is_linear, weight_of
+from lqlr.core.arch import find_blocks, is_linear, weight_of
 
-__all__ = ["HessianAccumulator", "hessian_hooks", "capture_hessians"]
+__all__ = ["HessianAccumulator", "hessian_hooks", "capture_hessians", "blockwise_hessians", "block_inputs", "run_block"]
 
 
 class HessianAccumulator:
@@ -65,10 +66,12 @@ class HessianAccumulator:
 
 
 def hessian_hooks(modules: Mapping[str, nn.Module]) -> "HessianHooks":
-    """Context manager: inside, every forward of each module adds its input to its own
-    :class:`HessianAccumulator` (``hooks.accumulators[name]``); the hooks are removed on exit, also
-    on error. The one way lqlr captures H: the block loop runs one block inside it, the allocator and
-    :func:`capture_hessians` a whole model."""
+    """Context manager: inside, every forward of each module adds its input to a
+    :class:`HessianAccumulator`; the hooks are removed on exit, also on error. Modules that read the
+    very same input tensor (q/k/v of an attention block, gate/up of a SwiGLU MLP) share one
+    accumulator, so their H is summed once and stored once (``hooks.shared[name]``: the module whose
+    accumulator ``name`` uses). The one way lqlr captures H: the block loop and the allocator run one
+    block inside it, :func:`capture_hessians` a whole model."""
     return HessianHooks(modules)
 
 
@@ -79,23 +82,111 @@ class HessianHooks:
         if not modules:
             raise ValueError("no module to capture the Hessian of: check the names or targets")
         self.modules = dict(modules)
-        self.accumulators = {n: HessianAccumulator(weight_of(m).shape[1]) for n, m in self.modules.items()}
+        self.accumulators: dict[str, HessianAccumulator] = {}
+        self.shared: dict[str, str] = {}  # module name -> the module that owns its accumulator
+        self._last: tuple[weakref.ref, str] | None = None  # the most recent input and who accumulated it
         self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            last = self._last
+            if last is not None and last[0]() is x and x.shape[-1] == weight_of(self.modules[last[1]]).shape[1]:
+                owner = last[1]  # the same tensor as the previous module's input: its H is already counted
+            else:
+                owner = name
+                if name not in self.accumulators:
+                    self.accumulators[name] = HessianAccumulator(weight_of(self.modules[name]).shape[1])
+                self.accumulators[name].add_batch(x)
+                self._last = (weakref.ref(x), name)
+            if self.shared.setdefault(name, owner) != owner:
+                raise RuntimeError(f"{name} shared its input with {self.shared[name]} in one forward and with "
+                                   f"{owner} in another: capture it on its own")
+        return hook
 
     def __enter__(self) -> "HessianHooks":
         for n, m in self.modules.items():
-            acc = self.accumulators[n]
-            self._handles.append(m.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add_batch(args[0])))
+            self._handles.append(m.register_forward_pre_hook(self._hook(n)))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._last = None
 
     def hessians(self) -> dict[str, tuple[torch.Tensor, int]]:
-        """``{name: (H (in, in) float32, n_tokens)}``."""
-        return {n: (a.hessian(), a.n_tokens) for n, a in self.accumulators.items()}
+        """``{name: (H (in, in) float32, n_tokens)}``; modules sharing an input share one H tensor.
+
+        Raises:
+            RuntimeError: if a module never ran.
+        """
+        missing = [n for n in self.modules if n not in self.shared]
+        if missing:
+            raise RuntimeError(f"no activations reached {missing[:3]}: run the model on calibration data inside the hooks")
+        own = {n: (a.hessian(), a.n_tokens) for n, a in self.accumulators.items()}
+        return {n: own[self.shared[n]] for n in self.modules}
+
+
+class _StopForward(Exception):
+    pass
+
+
+def block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor, batch_size: int) -> list[list]:
+    """``[hidden_states, args, kwargs]`` that the first decoder block receives, one entry per batch of
+    ``ids`` (the model stops there: nothing after the embeddings runs)."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append([hidden, args[1:], kwargs])
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in ids.split(batch_size):
+                try:
+                    model(batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, inputs: list[list]) -> list[torch.Tensor]:
+    """The block's output hidden states for each entry of ``inputs`` (see :func:`block_inputs`)."""
+    outs = []
+    with torch.no_grad():
+        for hidden, args, kwargs in inputs:
+            out = block(hidden, *args, **kwargs)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outs
+
+
+def blockwise_hessians(model: nn.Module, ids: torch.Tensor, names: Iterable[str], batch_size: int = 8,
+                       progress: bool = True) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, int]]]]:
+    """``(block index, {name: (H, n_tokens)})`` for each decoder block of the (unchanged) model in
+    turn, holding one block's Hessians and one hidden-state tensor per batch at a time: the same H as
+    :func:`capture_hessians`, in memory bounded by one block. ``load_block`` style lazy models are
+    not handled here (the engine's block loop does that)."""
+    names = list(names)
+    path, blocks = find_blocks(model)
+    inputs = block_inputs(model, blocks[0], ids, batch_size)
+    for i in tqdm(range(len(blocks)), desc="Hessians (by block)", disable=not progress):
+        prefix = f"{path}.{i}."
+        mine = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
+        if mine:
+            with hessian_hooks(mine) as hooks:
+                outputs = run_block(blocks[i], inputs)
+            yield i, hooks.hessians()
+            del hooks
+        else:
+            outputs = run_block(blocks[i], inputs)
+        for entry, out in zip(inputs, outputs):
+            entry[0] = out
 
 
 def capture_hessians(model: nn.Module, input_ids: torch.LongTensor,

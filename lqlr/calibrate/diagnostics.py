@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lqlr.calibrate.capture import capture_hessians
+from lqlr.calibrate.capture import blockwise_hessians
 from lqlr.core.arch import find_blocks, target_linears, weight_of
 
 
@@ -90,7 +90,8 @@ def diagnose(model: nn.Module, ids: torch.Tensor, targets=None, max_points: int 
 
     path, blocks = find_blocks(model)
     names = list(target_linears(model, targets))
-    hessians = capture_hessians(model, ids, names, progress=progress)
+    h_rank = {n: hessian_effective_rank(H) for _, hess in blockwise_hessians(model, ids, names, progress=progress)
+              for n, (H, _) in hess.items()}  # one block's Hessians in memory at a time
     states = block_hidden_states(model, ids, max_points)
     out = []
     for i in tqdm(range(len(blocks)), desc="diagnose", disable=not progress):
@@ -100,7 +101,7 @@ def diagnose(model: nn.Module, ids: torch.Tensor, targets=None, max_points: int 
             block=i, hidden_size=states[i].shape[1], intrinsic_dimension=twonn_dimension(states[i]),
             w_effective_rank={n[len(prefix):]: matrix_effective_rank(weight_of(model.get_submodule(n)).detach())
                               for n in mine},
-            h_effective_rank={n[len(prefix):]: hessian_effective_rank(hessians[n][0]) for n in mine}))
+            h_effective_rank={n[len(prefix):]: h_rank[n] for n in mine}))
     return out
 
 

@@ -18,47 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lqlr.budget.plan import Plan
-from lqlr.calibrate.capture import capture_hessians, hessian_hooks
+from lqlr.calibrate.capture import block_inputs, capture_hessians, hessian_hooks, run_block
 from lqlr.config import CompressConfig, QLRConfig
 from lqlr.core.arch import find_blocks, is_conv1d, set_module, target_linears, weight_of
 from lqlr.engine.checkpoints import BlockCheckpoints
 from lqlr.engine.runners import LocalRunner, MatrixJob, ModuleReport, RayRunner
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor, batch_size: int):
-    """(hidden_states, args, kwargs) that the first block receives, one entry per batch."""
-    captured = []
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append([hidden, args[1:], kwargs])
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for batch in ids.split(batch_size):
-                try:
-                    model(batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
-    outs = []
-    with torch.no_grad():
-        for hidden, args, kwargs in inputs:
-            out = block(hidden, *args, **kwargs)
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return outs
 
 
 def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
@@ -82,7 +46,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     model.eval()
     path, blocks = find_blocks(model)
     targets = target_linears(model, cfg.targets)
-    inputs = _block_inputs(model, blocks[0], calib_ids, cfg.batch_size)
+    inputs = block_inputs(model, blocks[0], calib_ids, cfg.batch_size)
     block_reports: dict[int, list[ModuleReport]] = {}
     pending: deque = deque()  # (block index, prefix, names, runner handle), oldest first
     bar = tqdm(range(len(blocks)), desc="blocks", disable=not progress)
@@ -106,24 +70,24 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             saved = checkpoints.load(i) if checkpoints is not None else None
             if saved is not None:  # finished by an earlier, interrupted run: reuse it bit for bit
                 modules, saved_reports = saved
-                outputs = _run_block(block, inputs) if cfg.hessian_mode == "independent" else None
+                outputs = run_block(block, inputs) if cfg.hessian_mode == "independent" else None
                 for n, m in modules.items():
                     set_module(model, n, m)
                     targets.pop(n, None)
                 block_reports[i] = [ModuleReport(**{**r, "shape": tuple(r["shape"])}) for r in saved_reports]
                 if outputs is None:
-                    outputs = _run_block(block, inputs)
+                    outputs = run_block(block, inputs)
                 for entry, out in zip(inputs, outputs):
                     entry[0] = out
                 continue
             # H of each target's input: a running mean over every calibration token
             if names:
                 with hessian_hooks({n: targets[n] for n in names}) as hooks:
-                    outputs = _run_block(block, inputs)
+                    outputs = run_block(block, inputs)
                 hessians = hooks.hessians()
                 del hooks
             else:
-                outputs, hessians = _run_block(block, inputs), {}
+                outputs, hessians = run_block(block, inputs), {}
             jobs = []
             for n in names:
                 module = targets.pop(n)
@@ -134,7 +98,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             while len(pending) > depth:
                 finish(*pending.popleft())
             if names and cfg.hessian_mode == "sequential":
-                outputs = _run_block(block, inputs)  # the next block sees this block's compressed outputs
+                outputs = run_block(block, inputs)  # the next block sees this block's compressed outputs
             for entry, out in zip(inputs, outputs):
                 entry[0] = out
         while pending:
