@@ -59,6 +59,9 @@ def test_run_writes_export_and_result(tmp_path, method, budget):
     assert result["bits_per_param"] <= budget
     assert (tmp_path / "out" / "manifest.json").is_file()
     assert (tmp_path / "out" / "adapter").is_dir() == (method == "caldera")  # a Q-only export has no L, R to write
+    if method == "caldera":  # the adapter names the model as the user did, never a resolved local path
+        adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == "stories260k"
     assert result["ppl"] > result["ppl_reference"] * 0.98 and result["kl"] > 0
 
 

@@ -156,7 +156,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         return run_peer(cfg, run_dir, t_start)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "model"
     resume_dir = out_dir.with_name(out_dir.name + ".checkpoints") if cfg.resume else None
-    source = {"method": cfg.method.name}
+    source = {"model": cfg.model.name, "method": cfg.method.name}  # the name the user gave, never a resolved local path
     runner = make_runner(cfg.runner, cfg.threads, cfg.device, **(asdict(cfg.ray) if cfg.runner == "ray" else {}))
     if cfg.model.lazy:  # the dense model is never whole in memory: no KL reference
         model, tokenizer, reference = cfg.model.name, None, None
