@@ -263,3 +263,14 @@ def test_blockwise_cost_table_equals_the_one_from_whole_model_hessians():
     assert table.names == ref.names and table.options == ref.options and table.bits == ref.bits
     for a, b in zip(table.costs, ref.costs):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-12)
+
+
+def test_output_sensitivity_is_the_same_with_a_chunked_head_and_any_batch_size():
+    model = _tiny()
+    ids = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(6))
+    names = list(target_linears(model))[:3]
+    ref = output_sensitivity(model, ids, names, batch_size=4, progress=False, loss_chunk=0)  # full logits at once
+    for batch, chunk in ((1, 7), (2, 256), (4, 5)):
+        got = output_sensitivity(model, ids, names, batch_size=batch, progress=False, loss_chunk=chunk)
+        for n in names:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-10)

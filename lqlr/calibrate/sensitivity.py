@@ -7,11 +7,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lqlr.nn.loss import causal_lm_loss
 
-def output_sensitivity(model: nn.Module, ids: torch.Tensor, names: Iterable[str], batch_size: int = 4,
-                       progress: bool = True) -> dict[str, torch.Tensor]:
+
+def output_sensitivity(model: nn.Module, ids: torch.Tensor, names: Iterable[str], batch_size: int = 1,
+                       progress: bool = True, loss_chunk: int = 256) -> dict[str, torch.Tensor]:
     """s (out,) per target: mean over tokens of (∂ loss / ∂ y_r)² with loss the summed next-token
-    cross-entropy of the calibration sequences (the diagonal empirical Fisher of the layer output)."""
+    cross-entropy of the calibration sequences (the diagonal empirical Fisher of the layer output).
+
+    Memory is one backward pass of ``batch_size`` sequences (every block's saved activations), with
+    the LM head and the loss run ``loss_chunk`` tokens at a time (:func:`lqlr.nn.loss.causal_lm_loss`):
+    the (tokens, vocab) logits are never held whole."""
     mods = {n: model.get_submodule(n) for n in names}
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -34,10 +40,7 @@ def output_sensitivity(model: nn.Module, ids: torch.Tensor, names: Iterable[str]
         for batch in tqdm(ids.split(batch_size), desc="sensitivity", disable=not progress):
             batch = batch.to(device)
             emb = model.get_input_embeddings()(batch).detach().requires_grad_(True)  # gradients flow without weight grads
-            logits = model(inputs_embeds=emb, use_cache=False).logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                               reduction="sum")
-            loss.backward()
+            causal_lm_loss(model, batch, loss_chunk, reduction="sum", inputs_embeds=emb).backward()
             count += batch.numel()
     finally:
         for h in handles:

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lqlr.nn.loss import causal_lm_loss  # noqa: F401  (re-exported: the training loss)
+
 from lqlr.util.memory import set_mmap_threshold
 
 log = logging.getLogger("lqlr.finetune")
@@ -103,33 +105,6 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         base.gradient_checkpointing_disable()
-
-
-def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``ids`` (b, T), as ``model(input_ids=ids, labels=ids).loss``.
-
-    With ``chunk`` > 0 the LM head and the loss run on ``chunk`` tokens at a time, each recomputed in
-    backward, so the (b·T, vocab) logits are never held whole: on a 49k-vocabulary model they are
-    most of a LoRA step's activation memory. Models whose head does more than a linear map (logit
-    soft-capping or scaling) take the stock path.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    conf = getattr(base, "config", None)
-    plain_head = not any(getattr(conf, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-    if chunk <= 0 or body is None or head is None or not plain_head:
-        return model(input_ids=ids, labels=ids, use_cache=False).loss
-    hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].reshape(-1, head.in_features)
-    target = ids[:, 1:].reshape(-1)
-
-    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # summed cross-entropy of one chunk
-        return nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
-
-    total = sum(checkpoint(piece, h, y, use_reentrant=False) for h, y in zip(hidden.split(chunk), target.split(chunk)))
-    return total / target.numel()
 
 
 def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
