@@ -8,6 +8,7 @@ and checkpoint folders, the runner).
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class CompressResult:
     output_dir: Path | None
     plan: Plan | None = None  # each matrix's config and its source, when a budget or overrides were given
     calibration: torch.Tensor | None = None  # the (n_samples, seq_len) calibration ids used
+    calibration_s: float = 0.0  # seconds spent making the calibration ids (0 when they were given)
 
     @property
     def bits_per_param(self) -> float:
@@ -84,11 +86,13 @@ def compress(model: nn.Module | str, config: CompressConfig | QLRConfig | None =
         tokenizer = tokenizer or tok
     elif cfg.lazy:
         raise ValueError("lazy=True reads the checkpoint block by block: pass a folder or hub id, not a loaded model")
+    t_calib = time.perf_counter()
     if calibration is None:
         if tokenizer is None:
             raise ValueError("calibration from config.calibration needs a tokenizer: pass tokenizer= or calibration ids")
         calibration = calibration_from(model=None if load_block is not None else model, tokenizer=tokenizer,
                                        progress=progress, **cfg.calibration.__dict__)
+    calibration_s = time.perf_counter() - t_calib
     if cost_cache is None and cfg.budget.mode == "auto" and cfg.budget.cache:
         cost_cache = default_cache_dir()
     plan = make_plan(model, cfg.qlr, cfg.budget, cfg.targets, calibration, cfg.use_hessian, progress, cost_cache)
@@ -110,5 +114,5 @@ def compress(model: nn.Module | str, config: CompressConfig | QLRConfig | None =
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)  # the export is complete: checkpoints are no longer needed
     return CompressResult(model=model, tokenizer=tokenizer, reports=reports, output_dir=out, plan=plan,
-                          calibration=calibration)
+                          calibration=calibration, calibration_s=calibration_s)
 
