@@ -99,7 +99,9 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu_for_that_matrix(monkeypatch, ca
     assert seen == ["cuda", "cpu"] and "out of GPU memory" in caplog.text and res.report.shape == (32, 128)
     ref = real(job, None, None)
     assert torch.equal(res.module.q_codes, ref.module.q_codes)
-    with pytest.raises(torch.OutOfMemoryError):  # device=cuda named explicitly: no silent fallback
+    from lqlr.engine.runners import OutOfMemory
+
+    with pytest.raises(OutOfMemory, match="device=auto"):  # device=cuda named explicitly: no silent fallback
         LocalRunner(device="cuda").gather([job])
 
 
@@ -167,3 +169,28 @@ def test_random_matrices_follow_their_inputs_device():
     assert seen and set(seen) == {"meta"}
     X = torch.randn(5, 2048, device="meta")
     assert Rotation(2048, 3).apply(X).device.type == Rotation(2048, 3).apply_inverse(X).device.type == "meta"
+
+
+def test_out_of_memory_without_a_fallback_is_one_line_naming_the_matrix_and_the_fix(monkeypatch):
+    from lqlr.engine.runners import OutOfMemory
+
+    W, H = _problem(32, 128)
+    job = MatrixJob(name="model.layers.3.mlp.down_proj", W=W, H=H, qcfg=lqlr.QLRConfig(bq=2, rank=8, group_size=64),
+                    use_hessian=True, bias=None, kind="linear", n_tokens=1)
+
+    def gpu_oom(job, threads, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.3 GiB total)")
+
+    monkeypatch.setattr(runners, "_run_job", gpu_oom)
+    with pytest.raises(OutOfMemory) as err:
+        run_job(job, device="cuda")
+    msg = str(err.value)
+    assert "\n" not in msg and "model.layers.3.mlp.down_proj (32×128" in msg and "needs about 0 MiB" in msg
+    assert "device=auto" in msg and "Tried to allocate 20.00 GiB" in msg and "checkpointed" in msg
+
+    def cpu_oom(job, threads, device):
+        raise MemoryError()
+
+    monkeypatch.setattr(runners, "_run_job", cpu_oom)
+    with pytest.raises(OutOfMemory, match="ran out of CPU memory.*MemoryError"):
+        run_job(job)

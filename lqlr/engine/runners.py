@@ -92,16 +92,36 @@ def run_job(job: MatrixJob, threads: int | None = None, device: str | torch.devi
     """Decompose one matrix with ``threads`` intra-op threads on ``device`` (None: where W is);
     the result lives on W's original device. Pure: no model, no I/O. ``cpu_fallback``: a GPU
     out-of-memory error is logged and the matrix is decomposed again on the CPU."""
+    where = torch.device(device or job.W.device)
     try:
         return _run_job(job, threads, device)
+    except MemoryError as err:  # the CPU allocator gave up (the OOM killer may strike first)
+        raise OutOfMemory(_oom_message(job, "CPU", err, "free memory, or use device=cuda when a GPU is present")) from err
     except Exception as err:
-        if not (cpu_fallback and is_out_of_memory(err)) or torch.device(device or job.W.device).type == "cpu":
+        if not is_out_of_memory(err) or where.type == "cpu":
             raise
+        if not cpu_fallback:
+            raise OutOfMemory(_oom_message(job, f"GPU ({where})", err, "use device=auto (retries such a matrix on the "
+                                           "CPU) or device=cpu")) from err
         log.warning("%s (%d×%d): out of GPU memory on %s, decomposing it on the CPU instead", job.name,
                     *job.W.shape, device)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return _run_job(job, threads, "cpu")
+
+
+class OutOfMemory(MemoryError):
+    """A matrix decomposition ran out of memory; the message names the matrix, the need and the fix."""
+
+
+def _oom_message(job: MatrixJob, where: str, err: BaseException, fix: str) -> str:
+    out_f, in_f = job.W.shape
+    # W, H, Q, the rotated copies and the LDLQ factor: a few (out × in) and (in × in) fp32 matrices
+    need = 4 * (4 * out_f * in_f + 3 * in_f * in_f)  # bytes
+    size = f"{need / 2**30:.1f} GiB" if need >= 2**30 else f"{need / 2**20:.0f} MiB"
+    said = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    return (f"{job.name} ({out_f}×{in_f}, rank {job.qcfg.rank}) ran out of {where} memory: it needs about {size} "
+            f"for its decomposition ({said}); {fix}. Finished blocks stay checkpointed (resume=true): rerun to continue")
 
 
 def _run_job(job: MatrixJob, threads: int | None, device: str | torch.device | None) -> MatrixResult:
