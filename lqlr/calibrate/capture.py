@@ -82,6 +82,7 @@ class HessianHooks:
         if not modules:
             raise ValueError("no module to capture the Hessian of: check the names or targets")
         self.modules = dict(modules)
+        self.in_features = {n: weight_of(m).shape[1] for n, m in self.modules.items()}
         self.accumulators: dict[str, HessianAccumulator] = {}
         self.shared: dict[str, str] = {}  # module name -> the module that owns its accumulator
         self._last: tuple[weakref.ref, str] | None = None  # the most recent input and who accumulated it
@@ -91,12 +92,12 @@ class HessianHooks:
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
             last = self._last
-            if last is not None and last[0]() is x and x.shape[-1] == weight_of(self.modules[last[1]]).shape[1]:
+            if last is not None and last[0]() is x:
                 owner = last[1]  # the same tensor as the previous module's input: its H is already counted
             else:
                 owner = name
                 if name not in self.accumulators:
-                    self.accumulators[name] = HessianAccumulator(weight_of(self.modules[name]).shape[1])
+                    self.accumulators[name] = HessianAccumulator(self.in_features[name])
                 self.accumulators[name].add_batch(x)
                 self._last = (weakref.ref(x), name)
             if self.shared.setdefault(name, owner) != owner:

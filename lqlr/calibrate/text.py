@@ -154,6 +154,14 @@ def calibration_from(source: str, model, tokenizer: PreTrainedTokenizerBase, n_s
     (``split``), ``text`` (a file or folder at ``path``) or ``hub`` (``datasets.load_dataset(hub_name, hub_config)``)."""
     if source == "self":
         return generated_ids(model, tokenizer, n_samples, seq_len, seed, progress=progress)
+    text = source_text(source, path, hub_name, hub_config, split, text_field, n_docs=max(n_samples * 4, 64))
+    return calibration_ids(tokenizer, text, n_samples, seq_len, seed)
+
+
+def source_text(source: str, path: str | None = None, hub_name: str | None = None, hub_config: str | None = None,
+                split: str = "validation", text_field: str = "text", n_docs: int = 64) -> str:
+    """The raw text of a text source: ``wikitext2`` (``split``), ``text`` (a file or folder at ``path``) or
+    ``hub`` (the first ``n_docs`` documents of ``datasets.load_dataset(hub_name, hub_config)``, streamed)."""
     if source == "wikitext2":
         text = wikitext2_text(split)
     elif source == "text":
@@ -166,7 +174,7 @@ def calibration_from(source: str, model, tokenizer: PreTrainedTokenizerBase, n_s
         import datasets
 
         rows = datasets.load_dataset(hub_name, hub_config, split=split, streaming=True)
-        text = "\n\n".join(r[text_field] for _, r in zip(range(max(n_samples * 4, 64)), rows))
+        text = "\n\n".join(r[text_field] for _, r in zip(range(n_docs), rows))
     else:
         raise ValueError(f"data.source={source!r}: choose self, wikitext2, text or hub")
-    return calibration_ids(tokenizer, text, n_samples, seq_len, seed)
+    return text

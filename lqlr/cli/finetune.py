@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from transformers import AutoTokenizer
 
-from lqlr.calibrate.text import calibration_ids, text_from_path, wikitext2_text
+from lqlr.calibrate.text import calibration_ids, source_text
 from lqlr.config import EvalConfig
 from lqlr.eval.metrics import perplexity, wikitext2_windows
 from lqlr.finetune.lora import prepare
@@ -60,13 +60,9 @@ class AppConf:
 
 
 def _text(cfg: DataConf) -> str:
-    if cfg.source == "wikitext2":
-        return wikitext2_text("validation")
-    if cfg.source == "text":
-        if not cfg.path:
-            raise ValueError("data.source=text needs data.path=<file or folder of .txt files>")
-        return text_from_path(cfg.path)
-    raise ValueError(f"data.source={cfg.source!r}: choose wikitext2 or text")
+    if cfg.source not in ("wikitext2", "text"):
+        raise ValueError(f"data.source={cfg.source!r}: choose wikitext2 or text")
+    return source_text(cfg.source, cfg.path)
 
 
 def run(cfg: AppConf) -> dict[str, Any]:
