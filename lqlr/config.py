@@ -97,7 +97,9 @@ class Menu:
     """``budget.mode="auto"``: the options each matrix may take, the product of these lists
     (BL = BR = ``factor_bits``; rank-0 options ignore the factor bits). ``iters``: outer iterations
     used to estimate each option's cost. ``incoherence``: None keeps the method's setting for every
-    matrix; ``[False, True]`` decomposes each matrix both ways and lets the allocator pick."""
+    matrix; ``[False, True]`` decomposes each matrix both ways and lets the allocator pick.
+    ``cost_rows``: the Q step of each cost estimate runs on this many sampled rows of a matrix
+    (None: all rows, exact; see :mod:`lqlr.core.estimate`)."""
 
     bq: list[int] = field(default_factory=lambda: [2, 3, 4])
     rank: list[int] = field(default_factory=lambda: [0, 16, 64])
@@ -105,11 +107,14 @@ class Menu:
     factor_bits: list[int] = field(default_factory=lambda: [4])
     iters: int = 1
     incoherence: Optional[list[bool]] = None
+    cost_rows: Optional[int] = 256
 
     def __post_init__(self) -> None:
         for name in ("bq", "rank", "group_size", "factor_bits", *(("incoherence",) if self.incoherence is not None else ())):
             _check(bool(getattr(self, name)), f"budget.menu.{name} is empty: give at least one value")
         _check(self.iters >= 1, f"budget.menu.iters={self.iters}: need at least one outer iteration")
+        _check(self.cost_rows is None or self.cost_rows >= 1,
+               f"budget.menu.cost_rows={self.cost_rows}: give a number of rows ≥ 1, or null for every row (exact)")
 
     def options(self, base: QLRConfig, out_features: int, in_features: int) -> list[QLRConfig]:
         """Distinct valid configurations for an (out × in) matrix, built on ``base`` (grids, incoherence…)."""

@@ -176,7 +176,7 @@ def test_cost_table_is_cached_and_reused_across_budgets_and_priors(tmp_path, mon
 
 
 def test_a_wider_menu_computes_only_its_new_options_and_matches_a_fresh_table(tmp_path, monkeypatch):
-    import lqlr.budget.allocator as D  # the allocator's own reference to decompose
+    import lqlr.budget.allocator as D  # the allocator's own reference to option_costs
 
     model = _tiny()
     ids = torch.randint(0, 97, (4, 32))
@@ -184,8 +184,8 @@ def test_a_wider_menu_computes_only_its_new_options_and_matches_a_fresh_table(tm
     narrow, wide = Menu(bq=[2, 3], rank=[0, 8], group_size=[32]), Menu(bq=[2, 3], rank=[0, 8], group_size=[32, 16])
     auto_plan(model, ids, base, 3.0, narrow, progress=False, cache_dir=tmp_path)
     calls = []
-    real = D.decompose
-    monkeypatch.setattr(D, "decompose", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = D.option_costs
+    monkeypatch.setattr(D, "option_costs", lambda *a, **k: calls.extend(a[2]) or real(*a, **k))
     _, cached = auto_plan(model, ids, base, 3.0, wide, progress=False, cache_dir=tmp_path)
     assert calls and all(c.group_size == 16 for c in calls)  # only the new options were decomposed
     n_new = sum(1 for opts in cached.options for o in opts if o.group_size == 16)

@@ -31,22 +31,15 @@ from lqlr.calibrate.sensitivity import output_sensitivity
 from lqlr.config import Menu, QLRConfig
 from lqlr.core.arch import target_linears, weight_of
 from lqlr.core.bits import bits_per_param
-from lqlr.core.decompose import decompose
+from lqlr.core.estimate import option_costs, sensitivity_weighted_error
 from lqlr.util.files import atomic_write, fingerprint
 
 PRIORS = ("none", "intrinsic_dimension")
 
 
-
-
-
-
-
-
 def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, s: torch.Tensor) -> float:
     """Σ_r s_r (E H Eᵀ)_rr with E = W − Ŵ: the first-order loss change of a weight error."""
-    E = (W - W_hat).to(torch.float64)  # (out, in)
-    return float(((E @ H.to(torch.float64)) * E).sum(1) @ s.to(torch.float64))
+    return sensitivity_weighted_error(W - W_hat, H, s)
 
 
 @dataclass
@@ -101,11 +94,14 @@ def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]] |
                sensitivity: dict[str, torch.Tensor] | None, menu: Menu, base: QLRConfig,
                fixed: dict[str, QLRConfig] | None = None, progress: bool = True, use_hessian: bool = True,
                known: dict[str, dict[str, float]] | None = None, names: list[str] | None = None) -> CostTable:
-    """Decompose every matrix with every menu option (``fixed``: matrices with one given option).
-    ``use_hessian=False`` decomposes under H = I (the cost is still measured under the real H).
-    ``known``: costs already measured, {matrix: {option_key: cost}}; only the missing ones are
-    computed (``hessians``/``sensitivity`` may then be None if nothing is missing), and ``known``
-    is filled in place."""
+    """Cost and all-in bits of every menu option of every matrix (``fixed``: matrices with one given option).
+
+    The options of a matrix are costed together by :func:`lqlr.core.estimate.option_costs` (one
+    rotation and factorisation of H, one LR step per rank, one stacked LDLQ pass per Q grid; the Q
+    step on ``menu.cost_rows`` sampled rows). ``use_hessian=False`` decomposes under H = I (the
+    cost is still measured under the real H). ``known``: costs already measured, {matrix:
+    {option_key: cost}}; only the missing ones are computed (``hessians``/``sensitivity`` may then
+    be None if nothing is missing), and ``known`` is filled in place."""
 
     known = {} if known is None else known
     names = list(names if names is not None else hessians)
@@ -120,12 +116,13 @@ def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]] |
         if not todo[n]:
             continue
         W = weight_of(model.get_submodule(n)).detach().to(torch.float32)  # (out, in)
-        H = hessians[n][0]
-        for cfg in todo[n]:
-            # cost of this option: the sensitivity-weighted output error of its decomposition of W
-            Wh = decompose(W, H if use_hessian else None, cfg).weight()
-            known.setdefault(n, {})[option_key(cfg)] = weighted_error(W, Wh, H, sensitivity[n])
-            bar.update(1)
+        H = hessians[n][0].to(device=W.device, dtype=torch.float32)
+        # cost of each option: the sensitivity-weighted output error of its decomposition of W
+        costs = option_costs(W, H, todo[n], sensitivity[n], decompose_under="same" if use_hessian else None,
+                             rows=menu.cost_rows, seed=base.seed)
+        for cfg, c in zip(todo[n], costs):
+            known.setdefault(n, {})[option_key(cfg)] = c
+        bar.update(len(todo[n]))
     bar.close()
     return CostTable(names=names, params=[shapes[n][0] * shapes[n][1] for n in names],
                      options=[opts[n] for n in names],
@@ -171,7 +168,8 @@ def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: floa
     known: dict[str, dict[str, float]] = {}
     path = None
     if cache_dir is not None:
-        key = fingerprint(*[weight_of(model.get_submodule(n)).detach() for n in names], ids, names, use_hessian)
+        key = fingerprint(*[weight_of(model.get_submodule(n)).detach() for n in names], ids, names, use_hessian,
+                          menu.cost_rows)
         path = Path(cache_dir) / f"{key[:32]}.costs.json"
         if path.is_file():
             known = json.loads(path.read_text())

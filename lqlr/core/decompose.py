@@ -17,7 +17,13 @@ import torch
 from lqlr.config import QLRConfig
 from lqlr.core.bits import BitBreakdown, bit_breakdown
 from lqlr.core.grids import QuantizedTensor, make_grid
-from lqlr.core.hessian import check_hessian, cholesky, h_weighted_error, regularize
+from lqlr.core.hessian import (
+    DampedHessian,
+    check_hessian,
+    cholesky,
+    h_weighted_error,
+    regularize,
+)
 from lqlr.core.incoherence import Incoherence
 from lqlr.core.ldlq import LDLQPlan, Rounded, ldlq_plan, ldlq_round
 from lqlr.core.lowrank import Factors, lr_step
@@ -72,55 +78,114 @@ class _Iterate:
     objective: float  # raw tr(E H Eᵀ)
 
 
-def decompose(W: torch.Tensor, H: torch.Tensor | None, cfg: QLRConfig | None = None) -> Decomposition:
-    """Decompose W (out, in) as Q + L R minimising tr((Q + L R − W) H (Q + L R − W)ᵀ).
+PREPARE_FIELDS = ("incoherence", "seed", "damp", "act_order")
 
-    H (in, in) is the input second moment of the layer (None: identity, plain Frobenius error).
-    ``cfg.rank = 0`` gives Q only: LDLQ/GPTQ with H, round-to-nearest without.
-    """
-    cfg = cfg or QLRConfig()
+
+@dataclass
+class Prepared:
+    """What decomposing W under H needs whatever BQ, the rank and the group size are: the
+    incoherence rotation, W and H in its basis, the damped H and its factorisations. Made once per
+    matrix by :func:`prepare` and shared by every configuration with the same ``key``."""
+
+    W: torch.Tensor  # (out, in) float32, original basis
+    H: torch.Tensor | None  # (in, in) raw float32, original basis (None: H = I)
+    rot: Incoherence | None
+    Wr: torch.Tensor  # (out, in) W in the incoherence basis
+    Hr: torch.Tensor | None  # (in, in) H in the incoherence basis
+    Hd: DampedHessian | None  # damped Hr
+    plan: LDLQPlan | None  # LDLQ's factor of Hd
+    norm: float  # tr(W H Wᵀ), the same in either basis
+    key: tuple
+    _C: torch.Tensor | None = None
+
+    @property
+    def C(self) -> torch.Tensor | None:
+        """Lower Cholesky factor of the damped H (the LR step's metric), computed on first use."""
+        if self._C is None and self.Hd is not None:
+            self._C = cholesky(self.Hd.H)
+        return self._C
+
+
+def prepare_key(cfg: QLRConfig) -> tuple:
+    """The fields of a configuration that :func:`prepare` depends on."""
+    return tuple(getattr(cfg, f) for f in PREPARE_FIELDS)
+
+
+def prepare(W: torch.Tensor, H: torch.Tensor | None, cfg: QLRConfig) -> Prepared:
+    """Check W and H, rotate them (incoherence) and factorise the damped H, once for ``cfg``'s ``key``."""
     _check_weight(W)
-    device = W.device
     W = W.to(torch.float32)
     out_f, in_f = W.shape
     if H is not None:
         check_hessian(H, in_f)
-        H = H.to(device=device, dtype=torch.float32)
+        H = H.to(device=W.device, dtype=torch.float32)
+    rot = Incoherence.for_shape(out_f, in_f, cfg.seed) if cfg.incoherence else None
+    Wr = rot.rotate_weight(W) if rot else W
+    Hr = (rot.rotate_hessian(H) if rot else H) if H is not None else None
+    Hd = regularize(Hr, cfg.damp) if Hr is not None else None
+    plan = ldlq_plan(Hd, cfg.act_order) if Hd is not None else None
+    return Prepared(W=W, H=H, rot=rot, Wr=Wr, Hr=Hr, Hd=Hd, plan=plan, norm=h_weighted_error(W, H) or 1.0,
+                    key=prepare_key(cfg))
+
+
+def round_q(prep: Prepared, T: torch.Tensor, cfg: QLRConfig) -> tuple[Rounded, float | None]:
+    """Q ← argmin tr((T − Q) H (T − Q)ᵀ) on ``cfg``'s grid, T (rows, in) in the rotated basis.
+
+    Rows are independent, so T may hold any subset (or a stack) of rows. Returns the rounding and
+    its raw objective when that comes for free (None otherwise)."""
+    qgrid = make_grid(cfg.grid, cfg.bq, cfg.group_size, cfg.clip_search)
+    r = ldlq_round(T, prep.plan, qgrid, cfg.block_size)
+    Hd = prep.Hd
+    if cfg.q2n:
+        qt = q2n_rescale(T, r.qt, None if Hd is None else Hd.H, cfg.q2n_rho)
+        return Rounded(qt=qt, Q=qt.dequantize(), damped_error=None), None
+    if r.damped_error is None:  # H = I: ‖T − Q‖² is cheap
+        return r, float((T - r.Q).double().pow(2).sum())
+    # tr(E H Eᵀ) = tr(E H_d Eᵀ) − Σ_j d_j ‖E_j‖², E against T with dead inputs zeroed
+    col_sq = (T - r.Q).pow(2).sum(dim=0)  # (in,)
+    col_sq[Hd.dead] = r.Q[:, Hd.dead].pow(2).sum(dim=0)
+    return r, r.damped_error - float((Hd.added.double() * col_sq.double()).sum())
+
+
+def fit_factors(prep: Prepared, A: torch.Tensor, cfg: QLRConfig, it: int) -> Factors:
+    """L, R ← argmin tr((A − L R) H (A − L R)ᵀ) on the factor grids, A (out, in) in the rotated basis."""
+    return lr_step(A, prep.plan, prep.C, cfg.rank, cfg.bl, cfg.br, cfg.group_size, cfg.factor_grid, cfg.lr_iters,
+                   cfg.damp, cfg.block_size, cfg.clip_search, cfg.svd, seed=cfg.seed * 1000 + it)
+
+
+def decompose(W: torch.Tensor, H: torch.Tensor | None, cfg: QLRConfig | None = None,
+              prepared: Prepared | None = None) -> Decomposition:
+    """Decompose W (out, in) as Q + L R minimising tr((Q + L R − W) H (Q + L R − W)ᵀ).
+
+    H (in, in) is the input second moment of the layer (None: identity, plain Frobenius error).
+    ``cfg.rank = 0`` gives Q only: LDLQ/GPTQ with H, round-to-nearest without. ``prepared``:
+    :func:`prepare`'s result for this W and H, reused across configurations of one matrix.
+    """
+    cfg = cfg or QLRConfig()
+    if prepared is None:
+        prepared = prepare(W, H, cfg)
+    elif prepared.key != prepare_key(cfg) or prepared.W.shape != W.shape:
+        raise ValueError(f"decompose: `prepared` was made for {dict(zip(PREPARE_FIELDS, prepared.key))} and shape "
+                         f"{tuple(prepared.W.shape)}; this call has {dict(zip(PREPARE_FIELDS, prepare_key(cfg)))}, "
+                         f"{tuple(W.shape)}: prepare() again for it")
+    prep = prepared
+    W, H, rot, Wr, Hr, norm = prep.W, prep.H, prep.rot, prep.Wr, prep.Hr, prep.norm
+    device = W.device
+    out_f, in_f = W.shape
     if cfg.rank > min(out_f, in_f):
         raise ValueError(f"rank={cfg.rank} exceeds min(out, in) = {min(out_f, in_f)} of this {out_f}×{in_f} matrix: "
                          "use a rank up to that (a full-rank L·R stores more than W)")
     k = cfg.rank
 
-    rot = Incoherence.for_shape(out_f, in_f, cfg.seed) if cfg.incoherence else None
-    Wr = rot.rotate_weight(W) if rot else W
-    Hr = (rot.rotate_hessian(H) if rot else H) if H is not None else None
-
-    Hd = regularize(Hr, cfg.damp) if Hr is not None else None
-    plan: LDLQPlan | None = ldlq_plan(Hd, cfg.act_order) if Hd is not None else None
-    C = cholesky(Hd.H) if (Hd is not None and k > 0) else None
-    qgrid = make_grid(cfg.grid, cfg.bq, cfg.group_size, cfg.clip_search)
-    norm = h_weighted_error(W, H) or 1.0  # tr(W H Wᵀ), the same in either basis
-
     def q_step(T: torch.Tensor) -> tuple[Rounded, float | None]:
-        """Q ← argmin tr((T − Q) H (T − Q)ᵀ) on the grid; returns (rounding, raw objective if free)."""
-        r = ldlq_round(T, plan, qgrid, cfg.block_size)
-        if cfg.q2n:
-            qt = q2n_rescale(T, r.qt, None if Hd is None else Hd.H, cfg.q2n_rho)
-            return Rounded(qt=qt, Q=qt.dequantize(), damped_error=None), None
-        if r.damped_error is None:  # H = I: ‖T − Q‖² is cheap
-            return r, float((T - r.Q).double().pow(2).sum())
-        # tr(E H Eᵀ) = tr(E H_d Eᵀ) − Σ_j d_j ‖E_j‖², E against T with dead inputs zeroed
-        col_sq = (T - r.Q).pow(2).sum(dim=0)  # (in,)
-        col_sq[Hd.dead] = r.Q[:, Hd.dead].pow(2).sum(dim=0)
-        return r, r.damped_error - float((Hd.added.double() * col_sq.double()).sum())
+        return round_q(prep, T, cfg)
 
     def exact(Q: torch.Tensor, f: Factors | None) -> float:
         E = Q - Wr if f is None else Q + f.L @ f.R - Wr
         return h_weighted_error(E, Hr)
 
     def fit_lr(A: torch.Tensor, it: int) -> Factors:
-        return lr_step(A, plan, C, k, cfg.bl, cfg.br, cfg.group_size, cfg.factor_grid, cfg.lr_iters,
-                       cfg.damp, cfg.block_size, cfg.clip_search, cfg.svd, seed=cfg.seed * 1000 + it)
+        return fit_factors(prep, A, cfg, it)
 
     history: list[float] = []
     best: _Iterate | None = None
