@@ -27,6 +27,7 @@ from lqlr.core.grids import NormalFloatGrid, QuantizedTensor, UniformGrid, make_
 from lqlr.engine.pipeline import CompressResult, compress
 from lqlr.eval.metrics import evaluate
 from lqlr.io.export import save_compressed
+from lqlr.io.hf import register as _register_transformers
 from lqlr.io.load import load
 from lqlr.nn.layer import QLRLinear
 
@@ -55,3 +56,5 @@ __all__ = [
     "make_grid",
 ]
 __version__ = "0.2.0"
+
+_register_transformers()  # AutoModelForCausalLM.from_pretrained(export) loads it packed (lqlr.io.hf)

@@ -1,7 +1,7 @@
 """Write a compressed model to one directory (docs/design.md §5), and load it back.
 
     manifest.json           format version, source, per-module spec and bits, sha256 of every file
-    config.json             the model's transformers config
+    config.json             the model's transformers config, with quantization_config (quant_method "lqlr")
     model.safetensors       packed Q codes + scales, packed L/R, every untouched tensor as-is
     tokenizer files         when a tokenizer was given
     adapter/                stock PEFT LoRA adapter: lora_B = L, lora_A = R, alpha = r (scale 1)
@@ -33,14 +33,21 @@ ADAPTER_DIR = "adapter"
 DENSE_DIR = "dense"
 
 
+# config.json's `transformers_weights` names the file transformers reads the weights from. An export sets it
+# to this sentence, which is no file name: transformers without lqlr then refuses the folder with an error that
+# says what to do, where it would otherwise only warn about the unknown quant_method and fill every compressed
+# linear with random weights. lqlr's quantizer (lqlr.io.hf) removes it before transformers looks for weights.
+NEEDS_LQLR = "lqlr export with packed weights: run `import lqlr` before from_pretrained (pip install lqlr)"
+
+
 class IntegrityError(ValueError):
     """A file of a compressed directory is missing, altered or not what the manifest says."""
 
 
-
-
-
-
+def quantization_config() -> dict[str, Any]:
+    """The ``quantization_config`` of an export's config.json: how transformers finds lqlr's loader
+    (``quant_method``), the format version, and where the per-module specs are (the manifest)."""
+    return {"quant_method": FORMAT, "format_version": FORMAT_VERSION, "manifest": MANIFEST}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -79,15 +86,26 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def qlr_modules(model: nn.Module) -> dict[str, nn.Module]:
-
+    """The QLRLinear modules of ``model`` by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QLRLinear)}
 
 
 def _clean_config(model: nn.Module):
     config = model.config.__class__.from_dict(model.config.to_dict())
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # e.g. a GGUF source: the export is plain float tensors
+    for key in ("quantization_config", "transformers_weights"):  # e.g. a GGUF source, or an export loaded back
+        if hasattr(config, key):
+            delattr(config, key)
     return config
+
+
+def _save_base_config(model: nn.Module, out: Path) -> None:
+    """config.json of the packed base: the model's config plus quantization_config and the guard
+    against loading without lqlr (``NEEDS_LQLR``), which transformers' own save would drop."""
+    _clean_config(model).save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = quantization_config()
+    config["transformers_weights"] = NEEDS_LQLR
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
 
 
 def save_adapter(qlr: dict[str, nn.Module], out: Path, base_name: str) -> None:
@@ -136,12 +154,15 @@ def save_dense(model: nn.Module, qlr: dict[str, nn.Module], out: Path, untouched
 UNTOUCHED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[str, Any], reports: list | None = None,
-                    tokenizer=None, dense_base: bool = False, untouched_dtype: str = "float16") -> Path:
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[str, Any],
+                    reports: list | dict[str, dict[str, Any]] | None = None, tokenizer=None, dense_base: bool = False,
+                    untouched_dtype: str = "float16", extra: dict[str, Any] | None = None) -> Path:
     """Write the export directory; returns its path. The manifest (with checksums) is written last.
 
-    ``untouched_dtype``: storage of the tensors that are not compressed (embeddings, norms, LM head),
-    16-bit by default (docs/design.md §3); ``"float32"`` keeps them bit-exact.
+    ``reports``: the ``ModuleReport`` of each compressed matrix, or the manifest entries of an export
+    being written again (by name). ``untouched_dtype``: storage of the tensors that are not compressed
+    (embeddings, norms, LM head), 16-bit by default (docs/design.md §3); ``"float32"`` keeps them
+    bit-exact. ``extra``: more top-level manifest fields (e.g. ``finetune``).
     """
     if untouched_dtype not in UNTOUCHED_DTYPES:
         raise ValueError(f"untouched_dtype={untouched_dtype!r}: choose one of {sorted(UNTOUCHED_DTYPES)}")
@@ -155,7 +176,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
     dtype = UNTOUCHED_DTYPES[untouched_dtype]
     base = {k: v.to(dtype) if k not in packed_keys and v.is_floating_point() else v for k, v in _unique_state(model).items()}
     save_tensors(base, out / BASE_FILE)
-    _clean_config(model).save_pretrained(out)
+    _save_base_config(model, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if any(m.rank > 0 for m in qlr.values()):  # a Q-only export has no L, R: no adapter/ (see lqlr.load lora_rank)
@@ -164,7 +185,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
         save_dense(model, qlr, out / DENSE_DIR, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / DENSE_DIR)
-    report_by_name = {r.name: r.to_dict() for r in (reports or [])}
+    report_by_name = dict(reports) if isinstance(reports, dict) else {r.name: r.to_dict() for r in (reports or [])}
     modules = {}
     for name, m in qlr.items():
         entry = {"spec": m.spec, "shape": [m.out_features, m.in_features], "bias": m.bias is not None}
@@ -177,6 +198,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
         "untouched_dtype": untouched_dtype,
         "summary": {"compressed_params": params, "bits_per_param": bits / params if params else None,
                     "n_modules": len(qlr)},
+        **(extra or {}),
     }
     write_manifest(out, manifest)
     return out
@@ -212,7 +234,3 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict[str, Any
         if verify and sha256_file(f) != digest:
             raise IntegrityError(f"{f} does not match its sha256 in the manifest: the file is corrupt or was changed")
     return manifest
-
-
-
-

@@ -1,4 +1,9 @@
-"""Load an export directory back: a transformers model with QLRLinear modules, or a PeftModel to train."""
+"""Load an export directory back: a transformers model with QLRLinear modules, or a PeftModel to train.
+
+:func:`build_packed` (empty QLRLinear modules in place of the compressed linears) and
+:func:`check_packed` (every packed tensor arrived) are the one way an export becomes a model:
+``lqlr.load`` and transformers' ``from_pretrained`` (:mod:`lqlr.io.hf`) both use them.
+"""
 from __future__ import annotations
 
 import os
@@ -14,6 +19,48 @@ from lqlr.nn.kernels import check_kernel
 from lqlr.nn.layer import QLRLinear, set_kernel
 from lqlr.nn.lora import zero_init_lora
 from lqlr.util.meta import parameters_on_meta
+
+
+def build_packed(model: torch.nn.Module, manifest: dict[str, Any]) -> dict[str, QLRLinear]:
+    """Put an empty QLRLinear of the manifest's spec in place of each compressed linear of ``model``.
+
+    Built under a meta-device context (transformers' loading) the buffers are meta tensors too, so
+    nothing of the size of a dense weight is allocated; the stored tensors are assigned afterwards.
+    Each layer is attached to its slot (:meth:`QLRLinear.attach`). Returns the layers by name.
+    """
+    built = {}
+    for name, entry in manifest["modules"].items():
+        out_f, in_f = entry["shape"]
+        built[name] = place(model, name, QLRLinear(in_f, out_f, entry["spec"], bias=entry["bias"]))
+    return built
+
+
+def place(model: torch.nn.Module, name: str, layer: QLRLinear) -> QLRLinear:
+    """Put ``layer`` at ``name`` in ``model`` and attach it to that slot (:meth:`QLRLinear.attach`)."""
+    set_module(model, name, layer)
+    parent, _, child = name.rpartition(".")
+    layer.attach(model.get_submodule(parent) if parent else model, child)
+    return layer
+
+
+def packed_keys(model: torch.nn.Module, manifest: dict[str, Any]) -> set[str]:
+    """State-dict keys of the packed buffers (codes, fp16 scales and factors): stored as they are."""
+    return {f"{n}.{b}" for n in manifest["modules"] for b, _ in model.get_submodule(n).named_buffers(recurse=False)}
+
+
+def check_packed(model: torch.nn.Module, manifest: dict[str, Any], source: str | os.PathLike) -> None:
+    """One-line IntegrityError unless every compressed module is a QLRLinear whose packed tensors
+    were all loaded from ``source`` with the shapes and dtypes of its spec."""
+    for name, entry in manifest["modules"].items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, QLRLinear):
+            raise IntegrityError(f"{source}: {name} was not built as a QLRLinear; load the export with lqlr.load")
+        out_f, in_f = entry["shape"]
+        want = dict(QLRLinear(in_f, out_f, entry["spec"], bias=entry["bias"], device="meta").named_buffers(recurse=False))
+        for key, buf in layer.named_buffers(recurse=False):
+            if buf.is_meta or buf.shape != want[key].shape or buf.dtype != want[key].dtype:
+                raise IntegrityError(f"{source}: {name}.{key} is missing or is not {want[key].dtype} "
+                                     f"{tuple(want[key].shape)}: the file does not fit the manifest; re-export the model")
 
 
 def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, device: str | torch.device = "cpu",
@@ -39,10 +86,8 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)
     with parameters_on_meta():  # no dense weights are ever allocated: memory ≈ the packed file
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    for name, entry in manifest["modules"].items():
-        out_f, in_f = entry["shape"]
-        set_module(model, name, QLRLinear(in_f, out_f, entry["spec"], bias=entry["bias"]))
-    packed = {f"{n}.{b}" for n in manifest["modules"] for b, _ in model.get_submodule(n).named_buffers(recurse=False)}
+    build_packed(model, manifest)
+    packed = packed_keys(model, manifest)
     try:
         state = load_file(str(root / BASE_FILE))
     except Exception as err:  # truncated or not a safetensors file (only reachable with verify=False)
@@ -55,6 +100,7 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
     missing = [k for k in missing if any(p.device.type == "meta" for n, p in model.named_parameters() if n == k)]
     if missing or unexpected:
         raise IntegrityError(f"{root / BASE_FILE} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    check_packed(model, manifest, root / BASE_FILE)
     model.to(device).eval()
     if not peft:
         set_kernel(model, kernel)
@@ -70,7 +116,7 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
     for name in manifest["modules"]:
         m = model.get_submodule(name)
         if m.rank > 0:
-            set_module(model, name, m.without_factors())
+            place(model, name, m.without_factors())
     if adapter is None and lora_rank is not None:
         peft_model = zero_init_lora(model, lora_rank, sorted(manifest["modules"]))
         set_kernel(peft_model, kernel)
@@ -90,7 +136,7 @@ def check_adapter(adapter: Path, manifest: dict[str, Any]) -> None:
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     for key, shape in shapes.items():
         name, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
         if name not in manifest["modules"]:

@@ -2,12 +2,16 @@
 
 forward(x) = x Qᵀ + (x Rᵀ) Lᵀ + b in the original basis. With incoherence, the stored Q', L', R'
 live in the rotated basis (W' = U W Vᵀ), so forward rotates the input once (x Vᵀ) and the
-output once (y U). The dense weight is built only when asked (``dequantize()``/``weight``) and
-transiently inside the reference ``forward``; the packed kernel (lqlr.kernels) never builds it.
+output once (y U). The dense weight is built only when asked (``dequantize()``, or a use of
+``weight`` beyond its shape, device and dtype) and transiently inside the reference ``forward``;
+the packed kernel (lqlr.kernels) never builds it.
 
-It subclasses ``nn.Linear`` so that stock PEFT wraps it as a LoRA base layer; ``weight`` is a
-read-only property, so PEFT operations that write the base weight (merge) are refused — merge
-into the dense export instead.
+It subclasses ``nn.Linear`` so that stock PEFT wraps it as a LoRA base layer. ``weight`` is a
+:class:`DenseWeight`: ``.device``/``.dtype``/``.shape`` are free (PEFT reads them), anything else
+materialises the dense weight once, and writing ``weight.data`` (PEFT's merge) keeps that dense
+weight on the layer. A layer that a PEFT LoRA layer has replaced in its parent (see
+:meth:`QLRLinear.attach`) computes Q only: the adapter is its low-rank part, as in
+``lqlr.load(peft=True)``.
 
 How forward computes is the layer's ``kernel`` (see :mod:`lqlr.kernels`): ``"reference"`` (the
 default here, pure torch, dequantizes on each call), ``"packed"`` (compiled kernel on the packed
@@ -44,6 +48,129 @@ def _buffer_shapes(prefix: str, spec: dict, rows: int, cols: int) -> dict[str, t
     return out
 
 
+def _materialize(obj):
+    if isinstance(obj, DenseWeight):
+        return obj.materialize()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _materialize(v) for k, v in obj.items()}
+    return obj
+
+
+class DenseWeight:
+    """``QLRLinear.weight``: a stand-in for the dense (out, in) weight that does not build it.
+
+    ``shape``, ``device``, ``dtype``, ``ndim``, ``size()``, ``dim()`` and ``numel()`` come from the
+    packed buffers. Any other use — a tensor attribute or method (``.T``, ``.detach()``, ``.to()``),
+    an operator, a torch function (``F.linear(x, w)``, ``torch.allclose(w, ...)``) or ``.data`` —
+    materialises it (:meth:`materialize`, a fresh tensor each time, not kept). Assigning ``.data``
+    (what PEFT's merge does) stores that dense weight on the layer, which forward then uses.
+    """
+
+    _is_hf_initialized = True  # transformers' weight init skips it: the values are the packed buffers'
+    requires_grad = False
+    is_leaf = True
+    grad = None
+
+    def __init__(self, layer: QLRLinear) -> None:
+        object.__setattr__(self, "_layer", layer)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._layer.out_features, self._layer.in_features))
+
+    @property
+    def device(self) -> torch.device:
+        return self._layer.q_scale.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._layer.compute_dtype
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def is_meta(self) -> bool:
+        return self.device.type == "meta"
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 2
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def materialize(self) -> torch.Tensor:
+        """The dense (out, in) weight the layer computes with now, in :attr:`dtype` (built now)."""
+        return self._layer.effective_weight().to(self.dtype)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.materialize()
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self._layer.set_dense_weight(value)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return func(*_materialize(args), **_materialize(kwargs or {}))
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_layer":
+            raise AttributeError(name)
+        return getattr(self.materialize(), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "data":
+            object.__setattr__(self, name, value)  # the property's setter
+            return
+        raise AttributeError(f"QLRLinear.weight is computed from packed buffers: cannot set {name!r}")
+
+    def __repr__(self) -> str:
+        return f"DenseWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    def __matmul__(self, other):
+        return self.materialize() @ other
+
+    def __rmatmul__(self, other):
+        return other @ self.materialize()
+
+    def __add__(self, other):
+        return self.materialize() + other
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self.materialize() - other
+
+    def __rsub__(self, other):
+        return other - self.materialize()
+
+    def __mul__(self, other):
+        return self.materialize() * other
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return -self.materialize()
+
+    def __getitem__(self, index):
+        return self.materialize()[index]
+
+    def __len__(self) -> int:
+        return self._layer.out_features
+
+    def __array__(self, dtype=None):
+        a = self.materialize().detach().cpu().numpy()
+        return a if dtype is None else a.astype(dtype)
+
+
 class QLRLinear(nn.Linear):
     """y = x (Q + L R)ᵀ + b from packed low-bit storage.
 
@@ -67,13 +194,16 @@ class QLRLinear(nn.Linear):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self._dense_cache: torch.Tensor | None = None
+        self._merged: torch.Tensor | None = None  # a dense weight written through weight.data (PEFT merge)
+        self.compute_dtype = torch.float32  # what weight.dtype reports; follows .to(dtype)/.half()
+        object.__setattr__(self, "_parent", None)  # (parent module, name) from attach(); not a submodule
         self.kernel = "reference"  # concrete kernel in use (lqlr.kernels)
         self._kernel_request = "reference"  # what was asked for ("auto" is resolved per device)
         self._fast = None  # the kernel's forward function; rebuilt lazily after .to() / load_packed
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
-    def from_decomposition(cls, d, bias: torch.Tensor | None = None) -> "QLRLinear":
+    def from_decomposition(cls, d, bias: torch.Tensor | None = None) -> QLRLinear:
         """Pack a :class:`lqlr.Decomposition` into a module."""
         out_f, in_f = d.Q.shape
         cfg = d.config
@@ -163,19 +293,52 @@ class QLRLinear(nn.Linear):
         return self.q_weight() + L @ R
 
     @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
-        """The effective dense weight (built on each access; read-only)."""
-        return self.dequantize()
+    def weight(self) -> DenseWeight:  # type: ignore[override]
+        """The dense weight, built only on use: ``.device``/``.dtype``/``.shape`` read no tensor (:class:`DenseWeight`)."""
+        return DenseWeight(self)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense (out, in) float32 weight forward computes with now: a merged weight if one was
+        written, else Q + L R, or Q alone while a PEFT layer wraps this one (:meth:`wrapped`)."""
+        if self._merged is not None:
+            return self._merged.float()
+        return self.dequantize() if self.rank > 0 and not self.wrapped() else self.q_weight()
+
+    def set_dense_weight(self, W: torch.Tensor) -> None:
+        """Compute with the dense ``W`` (out, in) from now on instead of the packed buffers (PEFT's
+        merge writes ``weight.data``); the packed buffers, and what is saved, stay as they were."""
+        if tuple(W.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a dense weight of shape {tuple(W.shape)} does not fit a QLRLinear of shape "
+                             f"({self.out_features}, {self.in_features})")
+        self._merged = W.detach().to(self.compute_dtype)
+        self._fast = None
+
+    @property
+    def merged(self) -> bool:
+        """Whether forward uses a dense weight written through ``weight.data`` rather than the packed buffers."""
+        return self._merged is not None
+
+    def attach(self, parent: nn.Module, name: str) -> None:
+        """Record the slot ``parent.<name>`` this layer fills, so that :meth:`wrapped` can tell when a
+        PEFT LoRA layer takes its place (``lqlr.load`` and ``from_pretrained`` call it)."""
+        object.__setattr__(self, "_parent", (parent, name))
+
+    def wrapped(self) -> bool:
+        """Whether another module (a PEFT LoRA layer) has replaced this one in the slot given to
+        :meth:`attach`: the adapter then stands for L·R and this layer computes Q only."""
+        slot = self.__dict__.get("_parent")
+        return slot is not None and slot[0]._modules.get(slot[1]) is not self
 
     def cache_dense(self, enabled: bool = True) -> None:
         """Keep the stored dense Q' in memory between calls (trades memory for speed)."""
         self._dense_cache = self.stored_q() if enabled else None
 
-    def without_factors(self) -> "QLRLinear":
+    def without_factors(self) -> QLRLinear:
         """A Q-only copy sharing Q's buffers (the frozen base under a LoRA adapter)."""
         spec = {k: v for k, v in self.spec.items() if k not in ("l", "r")}
         spec["rank"] = 0
         mod = QLRLinear(self.in_features, self.out_features, spec, bias=self.bias is not None, device=self.q_scale.device)
+        mod.compute_dtype = self.compute_dtype
         for name, _ in mod.named_buffers(recurse=False):
             setattr(mod, name, getattr(self, name))
         if self.bias is not None:
@@ -190,7 +353,24 @@ class QLRLinear(nn.Linear):
         self._fast = make_fast(self, self.kernel)
 
     def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
+        # the packed buffers only move: a dtype cast (model.to(torch.bfloat16), .half()) would round the
+        # fp16 scales and factors; it sets the compute dtype (weight.dtype) instead
+        probe = fn(torch.zeros((), dtype=self.compute_dtype, device=self.q_scale.device))
+        buffers = self._buffers
+        self._buffers = type(buffers)()
+        try:
+            out = super()._apply(fn, *args, **kwargs)
+        finally:
+            self._buffers = buffers
+        for name, buf in buffers.items():
+            if buf is not None and buf.device != probe.device:
+                buffers[name] = torch.empty_like(buf, device=probe.device) if buf.is_meta else buf.to(probe.device)
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        if self._merged is not None:
+            self._merged = fn(self._merged)
+        if self._dense_cache is not None:
+            self._dense_cache = self._dense_cache.to(probe.device)
         self._fast = None  # buffers may have moved: rebuild on the next forward
         return out
 
@@ -201,6 +381,10 @@ class QLRLinear(nn.Linear):
 
     # ----- compute ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged is not None:
+            return F.linear(x, self._merged.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.rank > 0 and self.wrapped():
+            return self.reference_forward(x, factors=False)  # the PEFT adapter around it is L·R
         if self.kernel != "reference" and self._dense_cache is None and not (
                 torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
             if self._fast is None:
@@ -209,8 +393,8 @@ class QLRLinear(nn.Linear):
                 return self._fast(x)
         return self.reference_forward(x)
 
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The pure-torch forward: dequantize Q' (and L', R') now, then dense products."""
+    def reference_forward(self, x: torch.Tensor, factors: bool = True) -> torch.Tensor:
+        """The pure-torch forward: dequantize Q' (and L', R' unless ``factors=False``) now, then dense products."""
         rot = self.incoherence
         xr = rot.V.apply(x) if rot else x  # x Vᵀ
         if self._dense_cache is None and torch.is_grad_enabled() and xr.requires_grad:
@@ -218,7 +402,7 @@ class QLRLinear(nn.Linear):
         else:
             Q = self._dense_cache if self._dense_cache is not None else self.stored_q()
             y = F.linear(xr, Q.to(x.dtype))  # x' Q'ᵀ
-        if self.rank > 0:
+        if self.rank > 0 and factors:
             L, R = self.stored_factors()
             y = y + F.linear(F.linear(xr, R.to(x.dtype)), L.to(x.dtype))  # (x' R'ᵀ) L'ᵀ
         if rot:
@@ -243,7 +427,7 @@ class _PackedMatmul(torch.autograd.Function):
     (QLoRA-style). Q' is frozen: only the input gets a gradient, ∂x = ∂y Q'."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: "QLRLinear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, module: QLRLinear) -> torch.Tensor:
         ctx.module = module
         return F.linear(x, module.stored_q().to(x.dtype))
 
