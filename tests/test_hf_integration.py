@@ -178,6 +178,8 @@ def test_peft_from_pretrained_on_the_packed_base(export):
         assert _rel(logits, full) <= 1e-5
         with model.disable_adapter():  # the base without its adapter: Q only
             assert _rel(model(PROBE).logits, full) > 1e-3
+        stock_on_ours = PeftModel.from_pretrained(lqlr.load(export), str(export / "adapter"))  # same rule there
+        assert _rel(stock_on_ours(PROBE).logits, logits) <= 1e-6
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     merged = model.merge_and_unload()

@@ -234,6 +234,7 @@ class QLRLinear(nn.Linear):
             buf.copy_(t.to(buf.dtype))
         self._dense_cache = None
         self._fast = None
+        self.__dict__.pop("_twin", None)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors (packed codes, fp16 scales/factors), as written to disk."""
@@ -323,6 +324,15 @@ class QLRLinear(nn.Linear):
         PEFT LoRA layer takes its place (``lqlr.load`` and ``from_pretrained`` call it)."""
         object.__setattr__(self, "_parent", (parent, name))
 
+    def _q_only(self) -> QLRLinear:
+        """The Q-only twin (shared buffers, same kernel) that computes while a PEFT layer wraps this one."""
+        twin = self.__dict__.get("_twin")
+        if twin is None:
+            twin = self.without_factors()
+            twin._kernel_request, twin.kernel = self._kernel_request, self.kernel  # built on its first forward
+            self.__dict__["_twin"] = twin  # not a submodule: its tensors are this layer's
+        return twin
+
     def wrapped(self) -> bool:
         """Whether another module (a PEFT LoRA layer) has replaced this one in the slot given to
         :meth:`attach`: the adapter then stands for L·R and this layer computes Q only."""
@@ -351,6 +361,7 @@ class QLRLinear(nn.Linear):
         self.kernel = resolve(kind, self)
         self._kernel_request = kind
         self._fast = make_fast(self, self.kernel)
+        self.__dict__.pop("_twin", None)
 
     def _apply(self, fn, *args, **kwargs):
         # the packed buffers only move: a dtype cast (model.to(torch.bfloat16), .half()) would round the
@@ -372,11 +383,13 @@ class QLRLinear(nn.Linear):
         if self._dense_cache is not None:
             self._dense_cache = self._dense_cache.to(probe.device)
         self._fast = None  # buffers may have moved: rebuild on the next forward
+        self.__dict__.pop("_twin", None)
         return out
 
     def __getstate__(self):
         state = super().__getstate__().copy()
         state["_fast"] = None  # compiled plans are not copyable; rebuilt on the next forward
+        state.pop("_twin", None)
         return state
 
     # ----- compute ------------------------------------------------------------------------
@@ -384,7 +397,7 @@ class QLRLinear(nn.Linear):
         if self._merged is not None:
             return F.linear(x, self._merged.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.rank > 0 and self.wrapped():
-            return self.reference_forward(x, factors=False)  # the PEFT adapter around it is L·R
+            return self._q_only()(x)  # the PEFT adapter around it is L·R
         if self.kernel != "reference" and self._dense_cache is None and not (
                 torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
             if self._fast is None:
