@@ -39,6 +39,7 @@ from lqlr.engine.pipeline import compress
 from lqlr.engine.runners import check_runner, make_runner
 from lqlr.eval.metrics import evaluate_model, size_on_disk
 from lqlr.eval.peers import PEERS, quantize_with_peer
+from lqlr.io.card import write_model_card
 from lqlr.util.memory import peak_rss_mb, reset_peak_rss
 
 log = logging.getLogger("lqlr")
@@ -185,7 +186,10 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         "budget_prior": cfg.budget.prior,
     }
     print(summary_table(reports) if len(reports) <= 40 else summary_table(reports).splitlines()[-1])
-    return finish_result(result, cfg, res.model, reference, res.tokenizer, run_dir, t_start)
+    result = finish_result(result, cfg, res.model, reference, res.tokenizer, run_dir, t_start)
+    if cfg.eval.enabled:
+        write_model_card(out_dir, quality=result)  # the card says what was measured (README.md is not checksummed)
+    return result
 
 
 def finish_result(result: dict, cfg: MainConf, model, reference, tokenizer, run_dir: Path, t_start: float) -> dict:

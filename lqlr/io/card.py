@@ -85,29 +85,38 @@ def model_card(manifest: dict[str, Any], quality: dict[str, Any] | None = None) 
     """
     source = manifest.get("source", {})
     name = str(source.get("model", "") or "")
-    method = source.get("method") or "lqlr"
+    method = source.get("method")
     summary = manifest.get("summary", {})
     bits = summary.get("bits_per_param")
     modules = manifest.get("modules", {})
     specs = [m.get("spec", {}) for m in modules.values()]
-    q_bits = Counter(s.get("bq") for s in specs if s.get("bq") is not None)
+    q_grids = Counter(f"{s['q'].get('bits')}-bit {s['q'].get('kind', '')}".strip() for s in specs if "q" in s)
     ranks = [int(s.get("rank", 0) or 0) for s in specs]
+    factor_grids = Counter(f"{s['l'].get('bits')}-bit" for s in specs if int(s.get("rank", 0) or 0) and "l" in s)
+    rotated = sum(1 for s in specs if s.get("rotation"))
     hub = base_model(name)
     front = ["---", "library_name: transformers"]
     if hub:
         front += [f"base_model: {_yaml_str(hub)}", "base_model_relation: quantized"]
     front += ["tags:", "- lqlr", "- quantized", "---", ""]
-    title = f"{name or 'model'} · lqlr {method}" + (f", {bits:.3f} bits per weight" if bits is not None else "")
+    title = (f"{name or 'model'} · lqlr" + (f" {method}" if method else "")
+             + (f", {bits:.3f} bits per weight" if bits is not None else ""))
+
+    def counts(c: Counter) -> str:
+        return ", ".join(f"{k} ({n})" for k, n in sorted(c.items())) or "none"
+
     intro = ("Compressed with [lqlr](https://pypi.org/project/lqlr/) as W ≈ Q + L·R: a packed low-bit Q and "
              "low-rank factors L, R, which are also shipped as a stock PEFT LoRA adapter in `adapter/`.")
     body = [f"# {title}", "", intro, "",
             "| | |", "|---|---|",
             f"| source model | {f'[{hub}](https://huggingface.co/{hub})' if hub else (name or 'unknown')} |",
-            f"| method | {method} |",
+            f"| method | {method or 'lqlr (Q + L·R)'} |",
             f"| all-in bits per weight (compressed linears) | {_fmt(bits, '.3f') if bits is not None else 'unknown'} |",
             f"| compressed linears | {summary.get('n_modules', len(modules))} ({_fmt(summary.get('compressed_params'), ',')} weights) |",
-            f"| Q bits | {', '.join(f'{b} ({n})' for b, n in sorted(q_bits.items())) or 'unknown'} |",
+            f"| Q grid (linears) | {counts(q_grids)} |",
             f"| L·R rank | {f'{min(ranks)}–{max(ranks)}' if ranks and min(ranks) != max(ranks) else (ranks[0] if ranks else 0)} |",
+            f"| L·R factors (linears) | {counts(factor_grids)} |",
+            f"| incoherence rotation | {rotated} of {len(specs)} linears |",
             f"| other tensors | {manifest.get('untouched_dtype', 'float16')} |", ""]
     body += _quality_lines(quality)
     adapter = any(ranks)

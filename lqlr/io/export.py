@@ -4,6 +4,7 @@
     config.json             the model's transformers config, with quantization_config (quant_method "lqlr")
     model.safetensors       packed Q codes + scales, packed L/R, every untouched tensor as-is
     tokenizer files         when a tokenizer was given
+    README.md               the model card (lqlr.io.card); not in the checksums, so it may be edited
     adapter/                stock PEFT LoRA adapter: lora_B = L, lora_A = R, alpha = r (scale 1)
     dense/                  (optional) plain HF model folder with Q dequantized
 
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lqlr.io.card import CARD, write_model_card
 from lqlr.nn.layer import QLRLinear
 from lqlr.util.files import atomic_write, sha256_file
 
@@ -31,6 +33,9 @@ MANIFEST = "manifest.json"
 BASE_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"
 DENSE_DIR = "dense"
+# files of the export that the manifest does not checksum: the model card is documentation that users
+# (and the hub's editor) change; editing it must not make the model unloadable
+UNCHECKED = frozenset({CARD})
 
 
 # config.json's `transformers_weights` names the file transformers reads the weights from. An export sets it
@@ -200,19 +205,26 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
                     "n_modules": len(qlr)},
         **(extra or {}),
     }
+    write_model_card(out, manifest)  # "not measured": lqlr-compress rewrites it once its evaluation ran
     write_manifest(out, manifest)
     return out
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Fill ``manifest["files"]`` with the sha256 of every file under ``out`` and write it, atomically, last."""
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+    """Fill ``manifest["files"]`` with the sha256 of every file under ``out`` (but the manifest itself, the
+    ``UNCHECKED`` model card and temp files) and write it, atomically, last."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+                   and str(p.relative_to(out)) not in UNCHECKED)
     manifest["files"] = {str(p.relative_to(out)): sha256_file(p) for p in files}
     _write_json(out / MANIFEST, manifest)
 
 
 def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """Read and check manifest.json: format version, files inside the folder, sha256 of each."""
+    """Read and check manifest.json: format version, files inside the folder, sha256 of each.
+
+    A listed file may be a symbolic link to a file elsewhere (the hub cache's snapshot folders link to
+    its blobs); what must stay inside the folder is the name the manifest lists. README.md is never
+    checked (``UNCHECKED``)."""
     root = Path(path)
     mpath = root / MANIFEST
     if not mpath.is_file():
@@ -224,11 +236,13 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict[str, Any
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise IntegrityError(f"{mpath}: format {manifest.get('format')!r} v{manifest.get('format_version')!r} "
                              f"is not {FORMAT} v{FORMAT_VERSION}; use the lqlr version that wrote it")
-    resolved_root = root.resolve()
     for rel, digest in manifest.get("files", {}).items():
-        f = (root / rel).resolve()
-        if resolved_root not in f.parents:
+        if rel in UNCHECKED:
+            continue
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or not parts or ".." in parts:
             raise IntegrityError(f"manifest lists {rel!r}, which points outside {root}; refusing to read it")
+        f = root / rel
         if not f.is_file():
             raise IntegrityError(f"{f} is missing: the export is incomplete; re-export or restore the file")
         if verify and sha256_file(f) != digest:

@@ -34,6 +34,7 @@ from transformers.quantizers import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from lqlr.io.card import CARD
 from lqlr.io.export import (
     BASE_FILE,
     FORMAT,
@@ -47,6 +48,7 @@ from lqlr.io.export import (
 )
 from lqlr.io.load import build_packed, check_packed
 from lqlr.nn.layer import set_kernel
+from lqlr.util.files import atomic_write
 
 _MANIFEST_FIELDS = ("format", "format_version", "source", "modules", "untouched_dtype", "summary", "files")
 
@@ -123,6 +125,10 @@ class LqlrHfQuantizer(HfQuantizer):
         else:
             root = Path(model.config.name_or_path)
         self.root = root
+        if not (root / MANIFEST).is_file() and (root / BASE_FILE).is_file():
+            raise IntegrityError(f"{root} has {BASE_FILE} but no {MANIFEST}: from_pretrained of a hub id downloads only "
+                                 "some files of an lqlr export; download the whole repository "
+                                 "(huggingface_hub.snapshot_download(repo_id)) and load that folder")
         self.manifest = read_manifest(root, verify=True)  # format version and every sha256, before any weight
         build_packed(model, self.manifest)
         return model
@@ -187,8 +193,12 @@ def save_pretrained(model, save_directory: str | os.PathLike, **kwargs: Any) -> 
         raise ValueError(f"{merged[0]} holds a merged dense weight (PEFT merge), which an lqlr export cannot store: "
                          "requantize the adapter (lqlr.finetune.requantize) or save model.dequantize() instead")
     extra = {k: v for k, v in manifest.items() if k not in _MANIFEST_FIELDS}
-    return save_compressed(model, save_directory, source=manifest["source"], reports=manifest["modules"],
-                           untouched_dtype=manifest.get("untouched_dtype", "float16"), extra=extra)
+    out = save_compressed(model, save_directory, source=manifest["source"], reports=manifest["modules"],
+                          untouched_dtype=manifest.get("untouched_dtype", "float16"), extra=extra)
+    card = model.hf_quantizer.root / CARD
+    if card.is_file() and card.resolve() != (out / CARD).resolve():  # keep the loaded export's card (and its numbers)
+        atomic_write(out / CARD, lambda tmp: tmp.write_bytes(card.read_bytes()))
+    return out
 
 
 def register() -> None:
