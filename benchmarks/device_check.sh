@@ -3,7 +3,10 @@
 #   bash benchmarks/device_check.sh
 # 1. every test marked `cuda` (tests/test_devices.py: decompose, the layer, the Hessian capture and a whole
 #    stories260K compression on the GPU, each against the CPU result);
-# 2. the 4096 × 4096 decomposition timed on the GPU and on the CPU (lqlr/bench/distortion.py's timing record).
+# 2. lqlr-bench scale on Llama-2-7B shapes (2 synthetic blocks, lazily; GPTQ, the default method and the
+#    allocator on the GPU): per-block time per stage, peak GPU memory, whole-model projections;
+# 3. the 4096 × 4096 decomposition timed on the GPU and on the CPU (lqlr/bench/distortion.py's timing record).
+# Under 8 minutes on one H200-class GPU.
 # It needs torch with CUDA, transformers, peft, safetensors, scipy, tqdm and pytest; not Hydra, gguf or
 # bitsandbytes. Results go to ${OUT:-results/device}.
 set -euo pipefail
@@ -17,7 +20,9 @@ assert torch.cuda.is_available(), "no CUDA GPU visible to torch: this check is f
 print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(0))
 PY
 python -c "import pytest" 2>/dev/null || { echo "pytest is missing: pip install --no-index <a carried pytest wheel>"; exit 2; }
-timeout 300 python -m pytest -q -p no:cacheprovider -m cuda tests/test_devices.py 2>&1 | tee "$OUT/cuda_tests.txt"
+timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_devices.py 2>&1 | tee "$OUT/cuda_tests.txt"
+timeout 270 python -c "from lqlr.bench import main; main()" scale --shapes llama2-7b --blocks 2 --device cuda \
+  --skip-resume-check --work-dir "${TMPDIR:-/tmp}/lqlr-scale" --out "$OUT" 2>&1 | tail -n 20 | tee "$OUT/scale.txt" || true
 timeout 150 python - "$OUT" <<'PY'
 import json, sys, time
 import torch

@@ -243,8 +243,9 @@ class CompressConfig:
     CALDERA). ``use_hessian=False`` decomposes under H = I (RTN, LoftQ; errors still reported under
     H). ``lm_head`` also compresses the output projection. ``lazy`` reads each block from the
     checkpoint only when it is compressed (a model name or folder; the model never whole in RAM).
-    ``device``: where the matrix decompositions run (``auto``: CUDA when present, else the CPU;
-    ``cpu``, ``cuda``, ``cuda:N``, ``mps``); with ``auto`` a matrix that runs out of GPU memory is
+    ``device``: where each decoder block's calibration forward and its matrix decompositions run
+    (``auto``: CUDA when present, else the CPU; ``cpu``, ``cuda``, ``cuda:N``, ``mps``): one block
+    at a time is moved there and back; with ``auto`` a matrix that runs out of GPU memory is
     decomposed again on the CPU.
     """
 
@@ -270,8 +271,9 @@ class CompressConfig:
         check_device(self.device)
         _check(not (self.lazy and self.calibration.source == "self"),
                "data=self samples text from the whole model; with model.lazy=true use data=wikitext2, text or hub")
-        _check(not (self.lazy and self.budget.mode == "auto"),
-               "budget mode auto measures every matrix on the whole model: it does not run with lazy=True")
+        _check(not (self.lazy and self.budget.mode == "auto" and self.budget.prior != "none"),
+               f"budget.prior={self.budget.prior} runs the whole model at once, which model.lazy=true never holds: "
+               "use budget.prior=none (the allocator itself runs block by block)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (stored in manifests)."""

@@ -9,7 +9,11 @@ from scipy.stats import spearmanr
 
 from lqlr.config import Menu, QLRConfig
 from lqlr.core.decompose import decompose, prepare
-from lqlr.core.estimate import option_costs, rotated_row_weights, sensitivity_weighted_error
+from lqlr.core.estimate import (
+    option_costs,
+    rotated_row_weights,
+    sensitivity_weighted_error,
+)
 from lqlr.core.incoherence import Incoherence
 
 
@@ -75,7 +79,7 @@ def test_rotated_row_weights_are_the_diagonal_of_u_diag_s_ut():
 
 
 def test_prepared_is_reused_exactly_and_checked():
-    W, H, s = _problem(48, 32)
+    W, H, _ = _problem(48, 32)
     cfg = QLRConfig(bq=2, rank=4, group_size=16, iters=3, incoherence=True)
     prep = prepare(W, H, cfg)
     a, b = decompose(W, H, cfg), decompose(W, H, replace(cfg, bq=3), prepared=prep)

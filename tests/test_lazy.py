@@ -1,4 +1,6 @@
 """Shard-by-shard loading gives exactly the eager result, with later blocks still unloaded."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -72,3 +74,48 @@ def test_cli_lazy_run_matches_eager(tmp_path):
     assert lazy["ppl"] == pytest.approx(eager["ppl"], rel=1e-6) and "kl" not in lazy
     with pytest.raises(ValueError, match="data=self"):
         run(_compose(common + ["model.lazy=true", "data=self"]), tmp_path)
+
+
+def test_blockwise_sensitivity_equals_the_whole_model_backward(tmp_path):
+    from lqlr.calibrate.sensitivity import blockwise_sensitivity, output_sensitivity
+    from lqlr.core.arch import target_linears
+    from lqlr.util.meta import release_parameters
+
+    eager = _tiny_llama(tmp_path)
+    ids = torch.randint(3, 300, (3, 24), generator=torch.Generator().manual_seed(3))
+    names = list(target_linears(eager))
+    want = output_sensitivity(eager, ids, names, progress=False)
+    got = blockwise_sensitivity(eager, ids, names, progress=False)  # same model, no lazy loading
+    lazy, _, loader = lazy_model(tmp_path)
+    loaded = []
+    got_lazy = blockwise_sensitivity(lazy, ids, names, lambda b, p: loaded.append(p) or loader(b, p),
+                                     release_parameters, progress=False)
+    assert loaded == [f"model.layers.{i}." for i in (0, 1, 2, 2, 1, 0)]  # forward, then backward
+    _, blocks = find_blocks(lazy)
+    assert all(p.device.type == "meta" for p in blocks.parameters())  # every block released again
+    assert all(p.requires_grad for p in eager.parameters())  # the caller's flags are restored
+    for n in names:
+        assert got[n] == pytest.approx(want[n], rel=1e-4, abs=1e-12), n
+        assert got_lazy[n] == pytest.approx(want[n], rel=1e-4, abs=1e-12), n
+
+
+def test_lazy_allocator_plans_and_compresses_like_the_eager_one(tmp_path):
+    from lqlr.config import BudgetConfig, CalibrationConfig, Menu
+
+    model = _tiny_llama(tmp_path)
+    calib = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    cfg = CompressConfig(qlr=lqlr.QLRConfig(bq=3, rank=4, group_size=32, iters=2, incoherence=True),
+                         budget=BudgetConfig(mode="auto", bits=3.0, cache=False,
+                                             menu=Menu(bq=[2, 3, 4], rank=[0, 8], group_size=[32])))
+    eager = lqlr.compress(model, cfg, calibration=calib, progress=False)
+    lazy_cfg = replace(cfg, lazy=True, calibration=CalibrationConfig(source="wikitext2"))  # (ids given: unused)
+    lazy = lqlr.compress(str(tmp_path), lazy_cfg, calibration=calib, progress=False)
+    assert lazy.plan.configs == eager.plan.configs
+    for a, b in zip(eager.plan.table.costs, lazy.plan.table.costs):
+        assert a == pytest.approx(b, rel=1e-4)
+    for (n, a), (_, b) in zip(eager.model.named_modules(), lazy.model.named_modules()):
+        if isinstance(a, QLRLinear):
+            for (k, x), (_, y) in zip(a.packed_tensors().items(), b.packed_tensors().items()):
+                assert torch.equal(x, y), f"{n}.{k} differs"
+    assert [s.block for s in lazy.block_stats] == [0, 1, 2]
+    assert all(s.load_s > 0 and s.decompose_s > 0 and s.hessian_s > 0 and s.peak_rss_mb > 0 for s in lazy.block_stats)

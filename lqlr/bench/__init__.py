@@ -4,6 +4,9 @@
     lqlr-bench distortion --quick    # a small run for a fresh install (about a minute)
     lqlr-bench quality               # ppl/KL vs bits against the peers (Hydra multirun sweeps); hours on 2 cores
     lqlr-bench quality --from-json results/quality.json   # table and plot again from the JSON
+    lqlr-bench proxy                 # does the allocator's cheap cost rank options like full decompositions?
+    lqlr-bench scale                 # 7B/8B/70B shapes, lazily, block by block (synthetic checkpoints)
+    lqlr-bench scale --quick         # a tiny shape for a fresh install (about a minute)
 """
 from __future__ import annotations
 
@@ -90,6 +93,28 @@ def main(argv: list[str] | None = None) -> None:
                    help="where the fp32 copies and compressed exports are made once and reused")
     p.add_argument("--quick", action="store_true", help="stories260K only")
     p.add_argument("--out", default="results", help="output folder (default: results)")
+    p = sub.add_parser("proxy", help="Spearman of the allocator's cost proxy against full decompositions (SmolLM2)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--blocks", type=int, nargs="+", default=[0, 15, 29], help="decoder blocks whose matrices are measured")
+    p.add_argument("--iters", type=int, default=5, help="outer iterations of the full decompositions")
+    p.add_argument("--cost-rows", type=int, default=256, help="rows of the proxy's Q step")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
+    p = sub.add_parser("scale", help="7B–70B shapes lazily: time and memory per block and stage, projections, resume")
+    p.add_argument("--shapes", nargs="+", default=["llama2-7b", "llama3-8b", "llama2-70b"],
+                   help="shapes of lqlr.bench.synthetic.SHAPES")
+    p.add_argument("--methods", nargs="+", default=["gptq", "lqlr", "auto"], choices=["gptq", "lqlr", "auto"])
+    p.add_argument("--blocks", type=int, default=2, help="decoder blocks written and compressed per shape")
+    p.add_argument("--blocks-70b", type=int, default=1, help="blocks of the 70B shape")
+    p.add_argument("--bits", type=float, default=3.0, help="all-in budget (bits per parameter)")
+    p.add_argument("--n-samples", type=int, default=8, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--skip-resume-check", action="store_true", help="leave out the kill-after-one-block resume check")
+    p.add_argument("--quick", action="store_true", help="the tiny shape only (a smoke test)")
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "lqlr" / "bench-scale"),
+                   help="where the synthetic checkpoints and exports are written (tens of GB for the full run)")
+    p.add_argument("--name", default=None, help="results file name (default: scale, or scale_quick)")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     torch.manual_seed(0)
@@ -99,6 +124,17 @@ def main(argv: list[str] | None = None) -> None:
         _distortion(args)
     elif args.bench == "inference":
         _inference(args)
+    elif args.bench == "proxy":
+        from lqlr.bench import proxy
+
+        proxy.main(args)
+    elif args.bench == "scale":
+        from lqlr.bench import scale
+
+        if args.quick:
+            args.shapes, args.n_samples, args.seq_len = ["tiny"], 4, 64
+        args.name = args.name or ("scale_quick" if args.quick else "scale")
+        scale.main(args)
     elif args.bench == "quality":
         from lqlr.bench.quality import main_args
 

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from lqlr.budget.milp import choose_options
 from lqlr.calibrate.capture import blockwise_hessians
 from lqlr.calibrate.diagnostics import rank_ceilings
-from lqlr.calibrate.sensitivity import output_sensitivity
+from lqlr.calibrate.sensitivity import blockwise_sensitivity, output_sensitivity
 from lqlr.config import Menu, QLRConfig
 from lqlr.core.arch import target_linears, weight_of
 from lqlr.core.bits import bits_per_param
@@ -93,7 +94,8 @@ def missing_options(opts: dict[str, list[QLRConfig]], known: dict[str, dict[str,
 def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]] | None,
                sensitivity: dict[str, torch.Tensor] | None, menu: Menu, base: QLRConfig,
                fixed: dict[str, QLRConfig] | None = None, progress: bool = True, use_hessian: bool = True,
-               known: dict[str, dict[str, float]] | None = None, names: list[str] | None = None) -> CostTable:
+               known: dict[str, dict[str, float]] | None = None, names: list[str] | None = None,
+               device: str | torch.device | None = None) -> CostTable:
     """Cost and all-in bits of every menu option of every matrix (``fixed``: matrices with one given option).
 
     The options of a matrix are costed together by :func:`lqlr.core.estimate.option_costs` (one
@@ -101,7 +103,8 @@ def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]] |
     step on ``menu.cost_rows`` sampled rows). ``use_hessian=False`` decomposes under H = I (the
     cost is still measured under the real H). ``known``: costs already measured, {matrix:
     {option_key: cost}}; only the missing ones are computed (``hessians``/``sensitivity`` may then
-    be None if nothing is missing), and ``known`` is filled in place."""
+    be None if nothing is missing), and ``known`` is filled in place. ``device``: where the
+    decompositions run (None: where each weight is)."""
 
     known = {} if known is None else known
     names = list(names if names is not None else hessians)
@@ -115,7 +118,7 @@ def cost_table(model: nn.Module, hessians: dict[str, tuple[torch.Tensor, int]] |
     for n in names:
         if not todo[n]:
             continue
-        W = weight_of(model.get_submodule(n)).detach().to(torch.float32)  # (out, in)
+        W = weight_of(model.get_submodule(n)).detach().to(device=device, dtype=torch.float32)  # (out, in)
         H = hessians[n][0].to(device=W.device, dtype=torch.float32)
         # cost of each option: the sensitivity-weighted output error of its decomposition of W
         costs = option_costs(W, H, todo[n], sensitivity[n], decompose_under="same" if use_hessian else None,
@@ -151,8 +154,11 @@ def allocate_plan(table: CostTable, budget: float, iters: int) -> dict[str, QLRC
 
 def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: float, menu: Menu | None = None,
               targets=None, fixed: dict[str, QLRConfig] | None = None, progress: bool = True,
-              use_hessian: bool = True, prior: str = "none",
-              cache_dir: str | Path | None = None) -> tuple[dict[str, QLRConfig], CostTable]:
+              use_hessian: bool = True, prior: str = "none", cache_dir: str | Path | None = None,
+              load_block: Callable[[nn.Module, str], None] | None = None,
+              release_block: Callable[[nn.Module], None] | None = None,
+              weights_key: str | None = None,
+              device: str | torch.device | None = None) -> tuple[dict[str, QLRConfig], CostTable]:
     """The allocator end to end on an uncompressed model: Hessians, sensitivities, cost table, MILP.
 
     ``prior="intrinsic_dimension"`` offers each matrix only ranks ≤ 2 × its block's TwoNN dimension.
@@ -160,26 +166,38 @@ def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: floa
     option) cost is stored there (one file per weights + calibration ids + targets, keyed inside by
     the option's full configuration) and reused by later runs: other budgets cost nothing, and a
     wider menu computes only its new options.
+    ``load_block`` / ``release_block`` (lazy loading: the decoder blocks' weights are on meta): every
+    pass (sensitivities, Hessians, costs) holds one block's weights at a time; ``weights_key`` then
+    names the weights for the cache (the checkpoint's files), as they cannot be hashed unread.
+    ``device``: where the cost table's decompositions run (None: where the weights are).
     """
     if prior not in PRIORS:
         raise ValueError(f"budget.prior={prior!r}: choose one of {PRIORS}")
+    lazy = load_block is not None
+    if lazy and prior != "none":
+        raise ValueError(f"budget.prior={prior!r} runs the whole model at once, which a lazily loaded model cannot: "
+                         "use budget.prior=none with model.lazy=true")
     menu = menu or Menu()
     names = list(target_linears(model, targets))
     known: dict[str, dict[str, float]] = {}
     path = None
     if cache_dir is not None:
-        key = fingerprint(*[weight_of(model.get_submodule(n)).detach() for n in names], ids, names, use_hessian,
-                          menu.cost_rows)
+        weights = [weights_key] if lazy else [weight_of(model.get_submodule(n)).detach() for n in names]
+        key = fingerprint(*weights, ids, names, use_hessian, menu.cost_rows)
         path = Path(cache_dir) / f"{key[:32]}.costs.json"
         if path.is_file():
             known = json.loads(path.read_text())
     todo = missing_options(matrix_options(model, names, menu, base, fixed), known)
     if any(todo.values()):  # (every option already measured: no Hessians, sensitivities or decompositions at all)
-        sens = output_sensitivity(model, ids, names, progress=progress)
+        if lazy:
+            sens = blockwise_sensitivity(model, ids, names, load_block, release_block, progress=progress)
+        else:
+            sens = output_sensitivity(model, ids, names, progress=progress)
         wanted = [n for n in names if todo[n]]
         # one block's Hessians at a time: captured, turned into that block's costs, then freed
-        for _, hessians in blockwise_hessians(model, ids, wanted, progress=progress):
-            cost_table(model, hessians, sens, menu, base, fixed, False, use_hessian, known, list(hessians))
+        for _, hessians in blockwise_hessians(model, ids, wanted, progress=progress, load_block=load_block,
+                                              release_block=release_block):
+            cost_table(model, hessians, sens, menu, base, fixed, False, use_hessian, known, list(hessians), device)
             del hessians
             if path is not None:  # an interrupted run keeps every finished block's costs
                 _save_costs(path, known)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,10 +48,15 @@ class Plan:
 
 
 def make_plan(model: nn.Module, base: QLRConfig, budget: BudgetConfig, targets=None, ids: torch.Tensor | None = None,
-              use_hessian: bool = True, progress: bool = True, cost_cache: str | Path | None = None) -> Plan | None:
+              use_hessian: bool = True, progress: bool = True, cost_cache: str | Path | None = None,
+              load_block: Callable[[nn.Module, str], None] | None = None,
+              release_block: Callable[[nn.Module], None] | None = None, weights_key: str | None = None,
+              device: str | torch.device | None = None) -> Plan | None:
     """The plan of every target linear of ``model`` under ``budget`` (None when there is neither a
     budget nor an override: every matrix takes ``base``). ``budget.mode="auto"`` needs the
-    calibration ``ids`` (Hessians and output sensitivities of the uncompressed model, lqlr.budget.allocator)."""
+    calibration ``ids`` (Hessians and output sensitivities of the uncompressed model, lqlr.budget.allocator);
+    ``load_block``/``release_block``/``weights_key``: a lazily loaded model, and ``device`` where the
+    cost table's decompositions run, see :func:`auto_plan`."""
     if budget.bits is None and not budget.overrides:
         return None
     names = list(target_linears(model, targets))
@@ -59,7 +65,8 @@ def make_plan(model: nn.Module, base: QLRConfig, budget: BudgetConfig, targets=N
         if ids is None:
             raise ValueError("budget mode auto needs calibration ids: pass calibration= to lqlr.compress")
         configs, table = auto_plan(model, ids, base, budget.bits, budget.menu, targets,
-                                   {n: c for n, (_, c) in fixed.items()}, progress, use_hessian, budget.prior, cost_cache)
+                                   {n: c for n, (_, c) in fixed.items()}, progress, use_hessian, budget.prior, cost_cache,
+                                   load_block, release_block, weights_key, device)
         source = {n: (f"rule {fixed[n][0]}" if n in fixed else "auto") for n in configs}
         return Plan(configs, source, base, budget, table)
     plan = Plan({n: cfg for n, (_, cfg) in fixed.items()}, {n: f"rule {i}" for n, (i, _) in fixed.items()}, base, budget)

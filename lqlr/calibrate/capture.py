@@ -7,8 +7,9 @@ compression steps need. Sums are kept in float64 and divided once at the end.
 
 from __future__ import annotations
 
+import time
 import weakref
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -87,6 +88,7 @@ class HessianHooks:
         self.shared: dict[str, str] = {}  # module name -> the module that owns its accumulator
         self._last: tuple[weakref.ref, str] | None = None  # the most recent input and who accumulated it
         self._handles: list = []
+        self.seconds = 0.0  # time spent accumulating (the calibration forward's Hessian share)
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -98,7 +100,9 @@ class HessianHooks:
                 owner = name
                 if name not in self.accumulators:
                     self.accumulators[name] = HessianAccumulator(self.in_features[name])
+                t0 = _synced_clock(x)
                 self.accumulators[name].add_batch(x)
+                self.seconds += _synced_clock(x) - t0
                 self._last = (weakref.ref(x), name)
             if self.shared.setdefault(name, owner) != owner:
                 raise RuntimeError(f"{name} shared its input with {self.shared[name]} in one forward and with "
@@ -127,6 +131,13 @@ class HessianHooks:
             raise RuntimeError(f"no activations reached {missing[:3]}: run the model on calibration data inside the hooks")
         own = {n: (a.hessian(), a.n_tokens) for n, a in self.accumulators.items()}
         return {n: own[self.shared[n]] for n in self.modules}
+
+
+def _synced_clock(x: torch.Tensor) -> float:
+    """perf_counter after the work queued on ``x``'s device has finished (GPU timings are asynchronous)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
 
 
 class _StopForward(Exception):
@@ -168,16 +179,21 @@ def run_block(block: nn.Module, inputs: list[list]) -> list[torch.Tensor]:
 
 
 def blockwise_hessians(model: nn.Module, ids: torch.Tensor, names: Iterable[str], batch_size: int = 8,
-                       progress: bool = True) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, int]]]]:
+                       progress: bool = True, load_block: Callable[[nn.Module, str], None] | None = None,
+                       release_block: Callable[[nn.Module], None] | None = None,
+                       ) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, int]]]]:
     """``(block index, {name: (H, n_tokens)})`` for each decoder block of the (unchanged) model in
     turn, holding one block's Hessians and one hidden-state tensor per batch at a time: the same H as
-    :func:`capture_hessians`, in memory bounded by one block. ``load_block`` style lazy models are
-    not handled here (the engine's block loop does that)."""
+    :func:`capture_hessians`, in memory bounded by one block. ``load_block(block, prefix)`` /
+    ``release_block(block)`` read and drop each block's weights (lazy loading); the block stays
+    loaded while the caller handles what was yielded for it."""
     names = list(names)
     path, blocks = find_blocks(model)
     inputs = block_inputs(model, blocks[0], ids, batch_size)
     for i in tqdm(range(len(blocks)), desc="Hessians (by block)", disable=not progress):
         prefix = f"{path}.{i}."
+        if load_block is not None:
+            load_block(blocks[i], prefix)
         mine = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
         if mine:
             with hessian_hooks(mine) as hooks:
@@ -188,6 +204,8 @@ def blockwise_hessians(model: nn.Module, ids: torch.Tensor, names: Iterable[str]
             outputs = run_block(blocks[i], inputs)
         for entry, out in zip(inputs, outputs):
             entry[0] = out
+        if release_block is not None:
+            release_block(blocks[i])
 
 
 def capture_hessians(model: nn.Module, input_ids: torch.LongTensor,

@@ -45,6 +45,13 @@ class ShardedCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
+    def key(self) -> str:
+        """Names the checkpoint's contents without reading them: each file's name, size and modification time."""
+        files = sorted({*self._open, "config.json"})
+        stats = [(f, (self.folder / f).stat().st_size, (self.folder / f).stat().st_mtime_ns)
+                 for f in files if (self.folder / f).is_file()]
+        return f"{self.folder.resolve()}:{stats}"
+
 
 def materialize(module: nn.Module, prefix: str, ckpt: ShardedCheckpoint, dtype=torch.float32) -> None:
     """Read every meta parameter of ``module`` (full name ``prefix + local name``) from the checkpoint."""
@@ -74,7 +81,6 @@ def lazy_model(folder: str | Path, dtype=torch.float32):
     ``loader(block, prefix)`` that reads one block's parameters when the pipeline reaches it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-
     ckpt = ShardedCheckpoint(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     with parameters_on_meta():
@@ -99,3 +105,13 @@ def lazy_model(folder: str | Path, dtype=torch.float32):
         materialize(block, prefix, ckpt, dtype)
 
     return model, ckpt, loader
+
+
+def folder_tokenizer(folder: str | Path):
+    """The tokenizer saved in a checkpoint folder, or None when it has none (calibration ids must then be given)."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((Path(folder) / n).is_file() for n in names):
+        return None
+    return AutoTokenizer.from_pretrained(folder)

@@ -21,13 +21,15 @@ from lqlr.budget.plan import Plan, make_plan
 from lqlr.calibrate.text import calibration_from
 from lqlr.config import CompressConfig, QLRConfig
 from lqlr.core.arch import weight_of
-from lqlr.engine.blocks import compress_model
+from lqlr.engine.blocks import BlockStats, compress_model
 from lqlr.engine.checkpoints import BlockCheckpoints
-from lqlr.engine.lazy import lazy_model, resolve_checkpoint
+from lqlr.engine.lazy import folder_tokenizer, lazy_model, resolve_checkpoint
 from lqlr.engine.models import load_model
 from lqlr.engine.runners import LocalRunner, ModuleReport, RayRunner, local_runner
 from lqlr.io.export import check_output_dir, save_compressed
+from lqlr.util.devices import resolve_device
 from lqlr.util.files import fingerprint
+from lqlr.util.meta import release_parameters
 
 
 @dataclass
@@ -41,6 +43,8 @@ class CompressResult:
     plan: Plan | None = None  # each matrix's config and its source, when a budget or overrides were given
     calibration: torch.Tensor | None = None  # the (n_samples, seq_len) calibration ids used
     calibration_s: float = 0.0  # seconds spent making the calibration ids (0 when they were given)
+    plan_s: float = 0.0  # seconds spent planning (the allocator's sensitivities, Hessians and cost table)
+    block_stats: list[BlockStats] | None = None  # per decoder block: time per stage and memory
 
     @property
     def bits_per_param(self) -> float:
@@ -74,13 +78,12 @@ def compress(model: nn.Module | str, config: CompressConfig | QLRConfig | None =
     record = {"model": str(name), **(source or {}), "config": cfg.to_dict()}
     if output_dir is not None:
         check_output_dir(output_dir, record)  # before any slow step: never overwrite another run's export
-    load_block = None
+    load_block = release_block = weights_key = None
     if isinstance(model, str) and cfg.lazy:
-        from transformers import AutoTokenizer
-
         folder = resolve_checkpoint(model)
-        model, _, load_block = lazy_model(folder)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
+        model, ckpt, load_block = lazy_model(folder)
+        release_block, weights_key = release_parameters, ckpt.key()
+        tokenizer = tokenizer or folder_tokenizer(folder)
     elif isinstance(model, str):
         model, tok = load_model(model)
         tokenizer = tokenizer or tok
@@ -95,7 +98,10 @@ def compress(model: nn.Module | str, config: CompressConfig | QLRConfig | None =
     calibration_s = time.perf_counter() - t_calib
     if cost_cache is None and cfg.budget.mode == "auto" and cfg.budget.cache:
         cost_cache = default_cache_dir()
-    plan = make_plan(model, cfg.qlr, cfg.budget, cfg.targets, calibration, cfg.use_hessian, progress, cost_cache)
+    t_plan = time.perf_counter()
+    plan = make_plan(model, cfg.qlr, cfg.budget, cfg.targets, calibration, cfg.use_hessian, progress, cost_cache,
+                     load_block, release_block, weights_key, resolve_device(cfg.device))
+    plan_s = time.perf_counter() - t_plan
     if plan is not None and progress:
         shapes = {n: tuple(weight_of(model.get_submodule(n)).shape) for n in plan.configs}
         print(f"per-matrix plan ({cfg.budget.mode} budget {cfg.budget.bits}):\n" + plan.table_md(shapes), flush=True)
@@ -105,8 +111,9 @@ def compress(model: nn.Module | str, config: CompressConfig | QLRConfig | None =
         checkpoints = BlockCheckpoints(resume_dir, run_id)
     if runner is None:
         runner = local_runner(device=cfg.device)
+    block_stats: list[BlockStats] = []
     reports = compress_model(model, calibration, cfg, plan=plan, progress=progress, load_block=load_block,
-                             checkpoints=checkpoints, runner=runner)
+                             checkpoints=checkpoints, runner=runner, stats=block_stats)
     out = None
     if output_dir is not None:
         out = save_compressed(model, output_dir, source=record, reports=reports, tokenizer=tokenizer,
@@ -114,5 +121,6 @@ def compress(model: nn.Module | str, config: CompressConfig | QLRConfig | None =
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)  # the export is complete: checkpoints are no longer needed
     return CompressResult(model=model, tokenizer=tokenizer, reports=reports, output_dir=out, plan=plan,
-                          calibration=calibration, calibration_s=calibration_s)
+                          calibration=calibration, calibration_s=calibration_s, plan_s=plan_s,
+                          block_stats=block_stats)
 

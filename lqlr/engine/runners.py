@@ -47,6 +47,7 @@ class ModuleReport:
     rank: int
     time_s: float
     n_tokens: int
+    pack_s: float = 0.0  # building the packed QLRLinear from the decomposition
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,11 +136,13 @@ def _run_job(job: MatrixJob, threads: int | None, device: str | torch.device | N
         d = decompose(W, H if job.use_hessian else None, qcfg)
         seconds = time.perf_counter() - t0
         error = d.error if job.use_hessian else h_weighted_error(d.weight() - W, H) / (h_weighted_error(W, H) or 1.0)
+        t0 = time.perf_counter()
         module = QLRLinear.from_decomposition(d, job.bias).to(home)
+        pack_s = time.perf_counter() - t0
     module.spec["layout"] = job.kind
     report = ModuleReport(name=job.name, shape=tuple(W.shape), kind=job.kind, bits_per_param=d.bits_per_param,
                           q_bits_per_param=d.breakdown.q_bits_per_param, error=float(error), rank=d.rank,
-                          time_s=seconds, n_tokens=job.n_tokens)
+                          time_s=seconds, n_tokens=job.n_tokens, pack_s=pack_s)
     return MatrixResult(module=module, report=report)
 
 

@@ -30,6 +30,7 @@ from lqlr.util.files import atomic_write, sha256_file
 FORMAT = "lqlr"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+UNSTORED_REPORT_FIELDS = ("name", "time_s", "pack_s")  # timings differ run to run: the manifest stays byte-stable
 BASE_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"
 DENSE_DIR = "dense"
@@ -194,7 +195,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, source: dict[s
     modules = {}
     for name, m in qlr.items():
         entry = {"spec": m.spec, "shape": [m.out_features, m.in_features], "bias": m.bias is not None}
-        entry.update({k: v for k, v in report_by_name.get(name, {}).items() if k not in ("name", "time_s")})
+        entry.update({k: v for k, v in report_by_name.get(name, {}).items() if k not in UNSTORED_REPORT_FIELDS})
         modules[name] = entry
     params = sum(m.out_features * m.in_features for m in qlr.values())
     bits = sum(modules[n].get("bits_per_param", 0) * m.out_features * m.in_features for n, m in qlr.items())

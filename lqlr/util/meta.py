@@ -22,3 +22,14 @@ def parameters_on_meta():
         yield
     finally:
         nn.Module.register_parameter = original
+
+
+def release_parameters(module: nn.Module) -> None:
+    """Put every parameter of ``module`` back on the meta device (its memory is freed; shapes stay).
+    The inverse of a lazy loader's ``materialize``: a block read for one pass can be dropped again."""
+    for local, param in list(module.named_parameters()):
+        if param.device.type == "meta":
+            continue
+        owner_name, _, attr = local.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
