@@ -25,8 +25,11 @@ from lqlr.engine.models import load_model
 from lqlr.io.export import read_manifest
 from lqlr.io.load import load
 from lqlr.nn.layer import QLRLinear
+from lqlr.nn.loss import chunked_log_probs
 
 log = logging.getLogger("lqlr")
+
+EVAL_CHUNK = 256  # positions per LM-head call in the evaluation
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -53,11 +56,6 @@ def wikitext2_windows(model: nn.Module, tokenizer, seq_len: int | None = None, m
     return eval_windows(ids, seq_len or min(context_length(model), 2048), max_windows)
 
 
-def _log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.log_softmax(model(batch.to(device), use_cache=False).logits.float(), -1)  # (b, T, vocab)
-
-
 @torch.no_grad()
 def quality(model: nn.Module, reference: nn.Module | None, windows: torch.Tensor, batch_size: int = 2,
             progress: bool = False) -> dict[str, float]:
@@ -68,15 +66,23 @@ def quality(model: nn.Module, reference: nn.Module | None, windows: torch.Tensor
     if reference is not None:
         reference.eval()
     nll = nll_ref = kl = 0.0
+    device = next(model.parameters()).device
     for batch in tqdm(windows.split(batch_size), desc="eval (ppl, KL)" if reference is not None else "perplexity",
                       disable=not progress):
-        logp = _log_probs(model, batch)
-        target = batch[:, 1:].to(logp.device)[..., None]  # (b, T-1, 1)
-        nll -= float(logp[:, :-1].gather(-1, target).sum())
-        if reference is not None:
-            logq = _log_probs(reference, batch).to(logp.device)
-            nll_ref -= float(logq[:, :-1].gather(-1, target).sum())
-            kl += float((logq.exp() * (logq - logp)).sum())
+        batch = batch.to(device)
+        # the LM head runs EVAL_CHUNK positions at a time: (b, T, vocab) log-probabilities are never held whole
+        pieces = chunked_log_probs(model, batch, EVAL_CHUNK)
+        ref_pieces = chunked_log_probs(reference, batch.to(next(reference.parameters()).device), EVAL_CHUNK) \
+            if reference is not None else None
+        for i, logp in pieces:
+            c = logp.shape[1]
+            target = batch[:, i + 1 : i + 1 + c][..., None]  # (b, c', 1): the next tokens (none after the last)
+            nll -= float(logp[:, : target.shape[1]].gather(-1, target).sum())
+            if ref_pieces is not None:
+                _, logq = next(ref_pieces)
+                logq = logq.to(logp.device)
+                nll_ref -= float(logq[:, : target.shape[1]].gather(-1, target).sum())
+                kl += float((logq.exp() * (logq - logp)).sum())
     n_pred = windows.shape[0] * (windows.shape[1] - 1)
     out = {"ppl": math.exp(nll / n_pred)}
     if reference is not None:
