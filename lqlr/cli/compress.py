@@ -181,6 +181,7 @@ def run(cfg: MainConf, run_dir: Path) -> dict:
         "compressed_params": n, "n_matrices": len(reports),
         "mean_h_error": sum(r.error for r in reports) / len(reports),
         "size_on_disk_bytes": size_on_disk(out_dir), "compress_s": compress_s, "calibration_s": res.calibration_s,
+        "plan_s": res.plan_s,
         "output_dir": str(out_dir),
         "calibration": cfg.data.source, "hessian_mode": cfg.method.hessian_mode, "budget_mode": cfg.budget.mode,
         "budget_prior": cfg.budget.prior,
