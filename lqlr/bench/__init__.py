@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--skip-resume-check", action="store_true", help="leave out the kill-after-one-block resume check")
     p.add_argument("--quick", action="store_true", help="the tiny shape only (a smoke test)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="run nothing: gather the per-method records an earlier (interrupted) run left in --work-dir")
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "lqlr" / "bench-scale"),
                    help="where the synthetic checkpoints and exports are written (tens of GB for the full run)")
     p.add_argument("--name", default=None, help="results file name (default: scale, or scale_quick)")

@@ -122,19 +122,28 @@ def stage_shares(record: dict) -> dict:
 
 
 def run(shapes: list[str], blocks: dict[str, int], methods: list[str], work_dir: Path, bits: float, device: str,
-        n_samples: int, seq_len: int, resume_check: bool, seed: int = 0) -> list[dict]:
-    """Every (shape, method) record, plus the kill/resume check of each shape."""
+        n_samples: int, seq_len: int, resume_check: bool, seed: int = 0, collect_only: bool = False) -> list[dict]:
+    """Every (shape, method) record, plus the kill/resume check of each shape. ``collect_only``: run
+    nothing, gather the records the child runs of an earlier (perhaps interrupted) call left in ``work_dir``."""
     records = []
     for name in shapes:
         shape, n = SHAPES[name], blocks[name]
-        folder = write_checkpoint(work_dir / f"{name}-{n}blocks", name, n, seed=seed)
+        folder = work_dir / f"{name}-{n}blocks"
+        if not collect_only:
+            write_checkpoint(folder, name, n, seed=seed)
         by_method = {}
         for method in methods:
             out = work_dir / f"{name}-{method}"
-            _clean(out)
-            args = dict(folder=str(folder), method=method, out_dir=str(out), resume_dir=str(out) + ".ckpt",
-                        bits=bits, device=device, n_samples=n_samples, seq_len=seq_len, seed=seed)
-            rec = _child(args)
+            if collect_only:
+                saved = out.with_suffix(".record.json")
+                if not saved.is_file():
+                    continue
+                rec = json.loads(saved.read_text())
+            else:
+                _clean(out)
+                args = dict(folder=str(folder), method=method, out_dir=str(out), resume_dir=str(out) + ".ckpt",
+                            bits=bits, device=device, n_samples=n_samples, seq_len=seq_len, seed=seed)
+                rec = _child(args)
             rec.update(shape=name, n_blocks=n, block_params=shape.block_params(), calibration_tokens=n_samples * seq_len,
                        stage_share=stage_shares(rec), **project(rec, name, n, shape.hidden, n_samples * seq_len))
             by_method[method] = rec
@@ -144,7 +153,7 @@ def run(shapes: list[str], blocks: dict[str, int], methods: list[str], work_dir:
         if "gptq" in by_method:
             for rec in by_method.values():
                 rec["per_block_vs_gptq"] = rec["per_block_with_plan_s"] / by_method["gptq"]["per_block_with_plan_s"]
-        if resume_check and n >= 2:
+        if resume_check and n >= 2 and not collect_only:
             out = work_dir / f"{name}-gptq-resumed"
             _clean(out)
             args = dict(folder=str(folder), method="gptq", out_dir=str(out), resume_dir=str(out) + ".ckpt",
@@ -202,11 +211,12 @@ def main(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     blocks = {s: (args.blocks_70b if s == "llama2-70b" else args.blocks) for s in args.shapes}
     records = run(args.shapes, blocks, args.methods, work, args.bits, args.device, args.n_samples, args.seq_len,
-                  resume_check=not args.skip_resume_check)
+                  resume_check=not args.skip_resume_check, collect_only=args.collect_only)
     meta = dict(command="lqlr-bench scale " + " ".join(sys.argv[2:]), device=str(resolve_device(args.device)),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 threads=torch.get_num_threads(), cpus=os.cpu_count(), machine=platform.machine(),
                 torch=torch.__version__, calibration=args.n_samples * args.seq_len, bits=args.bits,
                 wall_s=time.perf_counter() - t0, shapes={s: asdict(SHAPES[s]) for s in args.shapes},
-                load_average_at_start=load_start, load_average_at_end=os.getloadavg())
+                load_average_at_start=load_start, load_average_at_end=os.getloadavg(),
+                methods_recorded=sorted({r["method"] for r in records}))
     write_results(Path(args.out), args.name, records, markdown(records, meta), meta)
