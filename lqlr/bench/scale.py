@@ -104,8 +104,7 @@ def project(record: dict, shape_name: str, n_blocks: int, hidden: int, tokens: i
     blocks = [b for b in record["blocks"] if not b["resumed"]]
     per_block = sum(b["wall_s"] for b in blocks) / max(len(blocks), 1)
     fixed = record["wall_s"] - record["plan_s"] - sum(b["wall_s"] for b in record["blocks"])  # load, export
-    packed_per_block = record["export_mb"] / max(n_blocks, 1)  # upper bound: includes embeddings once per block
-    grows = packed_per_block * (full - n_blocks)
+    grows = record["block_mb"] * (full - n_blocks)  # each further block adds its packed tensors
     if record["method"] == "auto":
         grows += tokens * hidden * 4 * (full - n_blocks) / 2**20  # the sensitivity pass's saved block inputs
     return dict(full_layers=full, per_block_s=per_block, per_block_with_plan_s=per_block + record["plan_s"] / n_blocks,
@@ -144,6 +143,7 @@ def run(shapes: list[str], blocks: dict[str, int], methods: list[str], work_dir:
                 args = dict(folder=str(folder), method=method, out_dir=str(out), resume_dir=str(out) + ".ckpt",
                             bits=bits, device=device, n_samples=n_samples, seq_len=seq_len, seed=seed)
                 rec = _child(args)
+            rec.setdefault("block_mb", block_mb(out))
             rec.update(shape=name, n_blocks=n, block_params=shape.block_params(), calibration_tokens=n_samples * seq_len,
                        stage_share=stage_shares(rec), **project(rec, name, n, shape.hidden, n_samples * seq_len))
             by_method[method] = rec
@@ -166,6 +166,23 @@ def run(shapes: list[str], blocks: dict[str, int], methods: list[str], work_dir:
                                 same_bytes_as_uninterrupted=same, wall_s=resumed["wall_s"]))
             print(f"{name}: killed after block 0 and resumed; same bytes as uninterrupted: {same}", flush=True)
     return records
+
+
+def block_mb(out: Path) -> float:
+    """MiB of the exported decoder-block tensors per block (the packed part that grows with depth)."""
+    from safetensors import safe_open
+
+    total, blocks = 0, set()
+    with safe_open(str(out / BASE_FILE), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith("model.layers."):
+                blocks.add(k.split(".")[2])
+                t = f.get_slice(k)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                total += n * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}.get(t.get_dtype(), 1)
+    return total / 2**20 / max(len(blocks), 1)
 
 
 def _clean(out: Path) -> None:
