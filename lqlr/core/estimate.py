@@ -86,14 +86,13 @@ def option_costs(W: torch.Tensor, H: torch.Tensor | None, options: list[QLRConfi
         by_prep[prepare_key(cfg)].append(i)
     for idx in by_prep.values():
         prep = prepare(W, Hdec, options[idx[0]])
-        H_cost = (prep.rot.rotate_hessian(prep_h(H, W)) if prep.rot else prep_h(H, W)) if H is not None else None
         full = [i for i in idx if not one_pass(options[i])]
         for i in full:  # not one-pass: the decomposition itself, sharing the preparation
             d = decompose(W, Hdec, options[i], prepared=prep)
             costs[i] = sensitivity_weighted_error(d.weight() - prep.W, prep_h(H, W), s)
         fast = [i for i in idx if one_pass(options[i])]
         if fast:
-            for i, c in zip(fast, _one_pass_costs(prep, H, H_cost, [options[i] for i in fast], s, rows, seed)):
+            for i, c in zip(fast, _one_pass_costs(prep, H, Hdec is H, [options[i] for i in fast], s, rows, seed)):
                 costs[i] = c
     return [float(c) for c in costs]  # type: ignore[arg-type]
 
@@ -103,7 +102,7 @@ def prep_h(H: torch.Tensor | None, W: torch.Tensor) -> torch.Tensor | None:
     return None if H is None else H.to(device=W.device, dtype=torch.float32)
 
 
-def _one_pass_costs(prep: Prepared, H: torch.Tensor | None, H_cost: torch.Tensor | None, options: list[QLRConfig],
+def _one_pass_costs(prep: Prepared, H: torch.Tensor | None, decomposed_under_h: bool, options: list[QLRConfig],
                     s: torch.Tensor, rows: int | None, seed: int) -> list[float]:
     out_f = prep.W.shape[0]
     device = prep.W.device
@@ -124,6 +123,10 @@ def _one_pass_costs(prep: Prepared, H: torch.Tensor | None, H_cost: torch.Tensor
     if S is not None:
         w = rotated_row_weights(prep.rot.U, s) if prep.rot else s.double()
         w_S = w[S]
+        # the cost's H in the rotated basis: prepare() already made it when the options were decomposed under H
+        H_raw = prep_h(H, prep.W)
+        H_cost = prep.Hr if decomposed_under_h else (prep.rot.rotate_hessian(H_raw) if prep.rot and H_raw is not None
+                                                      else H_raw)
     costs = [0.0] * len(options)
     for members in groups.values():
         LR_S = [None if not options[j].rank else _rows(factors[_key(options[j], FACTOR_FIELDS)], S) for j in members]
