@@ -38,8 +38,8 @@ def test_synthetic_checkpoint_is_a_stock_llama_with_the_shapes(tmp_path):
 
 @pytest.mark.slow
 def test_scale_bench_runs_lazily_projects_and_resumes_to_the_same_bytes(tmp_path):
-    records = scale.run(["tiny"], {"tiny": 2}, ["gptq", "auto"], tmp_path, bits=3.0, device="cpu", n_samples=2,
-                        seq_len=32, resume_check=True)
+    records = scale.run(["tiny"], {"tiny": 2}, ["gptq", "auto"], tmp_path, bits=3.0, device="cpu", n_samples=8,
+                        seq_len=128, resume_check=True)
     gptq, auto, resumed = records
     assert resumed["method"] == "gptq-killed-and-resumed" and resumed["resumed_blocks"] == 1
     assert resumed["same_bytes_as_uninterrupted"] is True

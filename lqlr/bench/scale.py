@@ -84,7 +84,7 @@ def _child(args: dict, timeout: float | None = None) -> dict:
     return json.loads(out.read_text())
 
 
-def kill_after_first_block(args: dict, poll_s: float = 0.5) -> None:
+def kill_after_first_block(args: dict, poll_s: float = 0.01) -> None:
     """Start ``run_one(**args)`` and SIGKILL it as soon as its first block checkpoint exists."""
     code = "import json, sys; from lqlr.bench.scale import run_one; run_one(**json.loads(sys.argv[1]))"
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)])
