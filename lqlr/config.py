@@ -13,9 +13,11 @@ import itertools
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
+from lqlr.core.gguf_grids import GGUF_GRIDS, fixed_values_error
 from lqlr.util.devices import check_device
 
-GRIDS = ("uniform", "nf")
+GRIDS = ("uniform", "nf")  # grids of Q, L and R
+Q_GRIDS = GRIDS + tuple(GGUF_GRIDS)  # Q may also take a llama.cpp block format (bq, group_size fixed by it)
 ORDERS = ("lr_first", "q_first")
 SVD_METHODS = ("auto", "exact", "randomized")
 FLOAT_BITS = 16  # a factor kept as 16-bit floats instead of a low-bit grid
@@ -43,7 +45,7 @@ class QLRConfig:
     group_size: int = 64
     iters: int = 20
     seed: int = 0
-    grid: str = "uniform"  # grid of Q: "uniform" (asymmetric, scale + zero) or "nf" (NormalFloat)
+    grid: str = "uniform"  # grid of Q: "uniform" (asymmetric, scale + zero), "nf" (NormalFloat) or a GGUF type
     factor_grid: str = "uniform"  # grid of L and R when bl/br < 16
     lr_iters: int = 3  # inner alternations of the low-bit L, R fit (stops early when it stalls)
     order: str = "lr_first"  # each outer iteration: LR step then Q step, or Q step then LR step
@@ -71,7 +73,10 @@ class QLRConfig:
                f"iters={self.iters!r}: need at least one outer iteration")
         _check(isinstance(self.lr_iters, int) and self.lr_iters >= 0,
                f"lr_iters={self.lr_iters!r}: must be an integer >= 0")
-        _check(self.grid in GRIDS, f"grid={self.grid!r}: choose one of {GRIDS}")
+        _check(self.grid in Q_GRIDS, f"grid={self.grid!r}: choose one of {Q_GRIDS}")
+        if self.grid in GGUF_GRIDS:
+            message = fixed_values_error(self.grid, self.bq, self.group_size, bits_name="bq")
+            _check(message is None, message or "")
         _check(self.factor_grid in GRIDS, f"factor_grid={self.factor_grid!r}: choose one of {GRIDS}")
         _check(self.order in ORDERS, f"order={self.order!r}: choose one of {ORDERS}")
         _check(self.svd in SVD_METHODS, f"svd={self.svd!r}: choose one of {SVD_METHODS}")
@@ -123,6 +128,8 @@ class Menu:
         for bq, k, g, fb, rot in itertools.product(self.bq, self.rank, self.group_size, self.factor_bits, rotations):
             k = min(k, out_features, in_features)
             g = min(g, in_features)  # a group wider than the row is the whole row
+            if base.grid in GGUF_GRIDS:  # the format fixes BQ and the group: options differ in rank only
+                bq, g = base.bq, base.group_size
             key = (bq, k, g, fb if k else None, rot)
             if key in seen or (base.grid == "nf" and bq > 4):
                 continue

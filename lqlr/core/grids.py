@@ -7,6 +7,7 @@ back. Its parameters are fitted per row and per group of ``group_size`` input co
   integer zero point ``z`` stored in ``bits`` bits; optional MSE search over clipping ranges.
 * :class:`NormalFloatGrid` — NF2/NF3/NF4 (QLoRA): ``x ≈ level[c]·s``, levels at quantiles of
   N(0, 1) scaled to [−1, 1] with an exact zero, ``s`` the group's fp16 absmax.
+* llama.cpp's block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (:mod:`lqlr.core.gguf_grids`).
 
 Grids are scalar (``dim = 1``); a vector or lattice codebook would set ``dim`` to its
 dimension and encode ``dim`` consecutive columns at once — the column loop in
@@ -34,7 +35,7 @@ class GroupParams:
     zero: torch.Tensor | None = None
 
 
-def _fp16(x: torch.Tensor) -> torch.Tensor:
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest float16 value (what is stored), kept as float32 for the math."""
     return x.to(torch.float16).to(torch.float32)
 
@@ -44,6 +45,7 @@ class Grid(ABC):
 
     kind: str = ""
     dim: int = 1  # columns encoded jointly (1 = scalar grid)
+    float_zero: bool = False  # zero is an fp16 offset (x = q·s + m, GGUF Q4_1/Q5_1), not an integer code
 
     def __init__(self, bits: int, group_size: int) -> None:
         self.bits = int(bits)
@@ -101,7 +103,7 @@ class UniformGrid(Grid):
         flat = (xmax - xmin) <= 0
         xmin = torch.where(flat, xmin - 1e-8, xmin)
         xmax = torch.where(flat, xmax + 1e-8, xmax)
-        scale = _fp16((xmax - xmin) / self.maxq).clamp_min(torch.finfo(torch.float16).tiny)
+        scale = fp16_round((xmax - xmin) / self.maxq).clamp_min(torch.finfo(torch.float16).tiny)
         zero = torch.round(-xmin / scale).clamp(0, self.maxq)
         return GroupParams(scale=scale, zero=zero)
 
@@ -164,7 +166,7 @@ class NormalFloatGrid(Grid):
 
     def fit(self, x: torch.Tensor) -> GroupParams:
         absmax = x.abs().max(dim=1, keepdim=True).values
-        return GroupParams(scale=_fp16(absmax).clamp_min(torch.finfo(torch.float16).tiny))
+        return GroupParams(scale=fp16_round(absmax).clamp_min(torch.finfo(torch.float16).tiny))
 
     def encode(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
         return torch.bucketize((x / p.scale).contiguous(), self.midpoints.to(x.device)).to(torch.uint8)
@@ -174,12 +176,18 @@ class NormalFloatGrid(Grid):
 
 
 def make_grid(kind: str, bits: int, group_size: int, clip_search: bool = True) -> Grid:
-    """Grid by name: ``"uniform"`` or ``"nf"``."""
+    """Grid by name: ``"uniform"``, ``"nf"`` or a GGUF type (``"q4_0"``, ``"q4_1"``, ``"q5_0"``,
+    ``"q5_1"``, ``"q8_0"``, ``"iq4_nl"``; ``bits`` and ``group_size`` must be the type's own)."""
+    # gguf_grids imports this module, so its registry is looked up at call time
+    from lqlr.core.gguf_grids import GGUF_GRIDS
+
     if kind == "uniform":
         return UniformGrid(bits, group_size, clip_search=clip_search)
     if kind == "nf":
         return NormalFloatGrid(bits, group_size)
-    raise ValueError(f"unknown grid {kind!r}: choose 'uniform' or 'nf'")
+    if kind in GGUF_GRIDS:
+        return GGUF_GRIDS[kind](bits, group_size)
+    raise ValueError(f"unknown grid {kind!r}: choose 'uniform', 'nf' or one of {', '.join(map(repr, GGUF_GRIDS))}")
 
 
 def n_groups(cols: int, group_size: int) -> int:
@@ -224,10 +232,12 @@ class QuantizedTensor:
         return self.grid.storage_bits(*self.shape)
 
     def packed(self) -> dict[str, torch.Tensor]:
-        """Tensors as stored on disk: bit-packed codes and zeros, fp16 scales."""
+        """Tensors as stored on disk: bit-packed codes and zeros, fp16 scales (and fp16 zeros
+        where the grid's zero is an offset, ``grid.float_zero``)."""
         out = {"codes": pack(self.codes, self.grid.bits), "scale": self.scale.to(torch.float16)}
         if self.zero is not None:
-            out["zero"] = pack(self.zero.to(torch.uint8), self.grid.bits)
+            out["zero"] = (self.zero.to(torch.float16) if self.grid.float_zero
+                           else pack(self.zero.to(torch.uint8), self.grid.bits))
         return out
 
     @classmethod
@@ -236,7 +246,9 @@ class QuantizedTensor:
         codes = unpack(tensors["codes"], grid.bits, rows * cols).reshape(rows, cols)
         scale = tensors["scale"].to(torch.float32)
         zero = None
-        if "zero" in tensors:
+        if "zero" in tensors and grid.float_zero:
+            zero = tensors["zero"].to(torch.float32).reshape(scale.shape)
+        elif "zero" in tensors:
             zero = unpack(tensors["zero"], grid.bits, scale.numel()).reshape(scale.shape).to(torch.float32)
         return cls(codes=codes, scale=scale, zero=zero, grid=grid)
 

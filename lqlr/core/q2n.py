@@ -23,4 +23,7 @@ def q2n_rescale(T: torch.Tensor, qt: QuantizedTensor, H: torch.Tensor | None, rh
     alpha = torch.where(denom > 0, (tHq + lam) / denom.clamp_min(1e-30), torch.ones_like(denom))
     scale = (qt.scale * alpha[:, None]).to(torch.float16).to(torch.float32)
     scale = torch.where(scale.abs() > 0, scale, qt.scale)  # never zero a scale by underflow
-    return QuantizedTensor(codes=qt.codes, scale=scale, zero=qt.zero, grid=qt.grid)
+    zero = qt.zero
+    if zero is not None and qt.grid.float_zero:  # x = q·s + m: α x = q·(α s) + α m
+        zero = (zero * alpha[:, None]).to(torch.float16).to(torch.float32)
+    return QuantizedTensor(codes=qt.codes, scale=scale, zero=zero, grid=qt.grid)
