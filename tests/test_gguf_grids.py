@@ -272,3 +272,61 @@ def test_decompose_with_a_gguf_grid(kind):
     assert torch.equal(q2n.q_codes.dequantize(), q2n.Q)  # Q2N's rescale stays on the grid (m scaled too)
     np.testing.assert_array_equal(_bits(dequantize(to_gguf_bytes(q2n.q_codes), ggml_type(kind))),
                                   _bits(q2n.Q.numpy()))
+
+
+# ----- QLRLinear and the export ---------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_qlr_linear_stores_the_packed_blocks(kind):
+    from lqlr.nn.layer import QLRLinear
+
+    W = _matrix("gauss", rows=48, cols=96, seed=8)
+    d = lqlr.decompose(W, None, lqlr.QLRConfig(grid=kind, bq=FIXED[kind], group_size=32, rank=4, iters=2))
+    mod = QLRLinear.from_decomposition(d)
+    stored = mod.packed_tensors()
+    assert sum(t.numel() * t.element_size() for n, t in stored.items() if n.startswith("q_")) * 8 == d.q_codes.storage_bits()
+    if kind == "q4_1":  # the block offsets m, fp16 (rows, blocks)
+        assert stored["q_zero"].dtype == torch.float16 and stored["q_zero"].shape == (48, 3)
+    else:
+        assert "q_zero" not in stored
+    assert torch.equal(mod.stored_q(), d.q_codes.dequantize())
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), x @ d.weight().T, rtol=1e-5, atol=1e-5)
+    mod.set_kernel("auto")  # no packed kernel for GGUF grids yet: the reference path
+    assert mod.kernel == "reference"
+    with pytest.raises(ValueError, match="cannot read grid"):
+        mod.set_kernel("packed")
+    qt = QuantizedTensor.from_packed({k[2:]: v for k, v in stored.items() if k.startswith("q_")}, (48, 96),
+                                     make_grid(kind, FIXED[kind], 32))
+    np.testing.assert_array_equal(to_gguf_bytes(qt), to_gguf_bytes(d.q_codes))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,rank", [("q4_1", 4), ("iq4_nl", 0)])
+def test_stories_export_round_trip(kind, rank, tmp_path):
+    from lqlr.config import CompressConfig
+    from lqlr.engine.blocks import compress_model
+    from lqlr.engine.models import load_model
+    from lqlr.io.export import read_manifest, save_compressed
+
+    model, tokenizer = load_model("stories260k")
+    calib = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig(qlr=lqlr.QLRConfig(grid=kind, bq=FIXED[kind], group_size=32, rank=rank, iters=2))
+    reports = compress_model(model, calib, cfg, progress=False)
+    out = save_compressed(model, tmp_path / kind, source={"model": "stories260k"}, reports=reports,
+                          tokenizer=tokenizer, untouched_dtype="float32")
+    specs = {name: m["spec"]["q"] for name, m in read_manifest(out)["modules"].items()}
+    assert specs and all(s == {"kind": kind, "bits": FIXED[kind], "group_size": 32} for s in specs.values())
+    probe = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    loaded = lqlr.load(out)
+    with torch.no_grad():
+        ref, got = model(probe).logits, loaded(probe).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    from lqlr.nn.layer import QLRLinear
+
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QLRLinear)}
+    orig = {n: m for n, m in model.named_modules() if isinstance(m, QLRLinear)}
+    assert set(layers) == set(orig)
+    for name, m in layers.items():
+        assert m.kernel == "reference"
+        assert all(torch.equal(a, b) for a, b in zip(m.packed_tensors().values(), orig[name].packed_tensors().values()))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lqlr.core.gguf_grids import GGUF_GRIDS
 from lqlr.core.grids import QuantizedTensor, make_grid, n_groups
 from lqlr.core.incoherence import Incoherence, Rotation
 from lqlr.core.packing import packed_nbytes
@@ -45,6 +46,8 @@ def _buffer_shapes(prefix: str, spec: dict, rows: int, cols: int) -> dict[str, t
            f"{prefix}_scale": ((rows, n_groups(cols, spec["group_size"])), torch.float16)}
     if spec["kind"] == "uniform":
         out[f"{prefix}_zero"] = ((packed_nbytes(rows * n_groups(cols, spec["group_size"]), spec["bits"]),), torch.uint8)
+    elif _grid(spec).float_zero:  # GGUF Q4_1/Q5_1: the block offsets m, fp16
+        out[f"{prefix}_zero"] = ((rows, n_groups(cols, spec["group_size"])), torch.float16)
     return out
 
 
@@ -349,6 +352,7 @@ class QLRLinear(nn.Linear):
         spec["rank"] = 0
         mod = QLRLinear(self.in_features, self.out_features, spec, bias=self.bias is not None, device=self.q_scale.device)
         mod.compute_dtype = self.compute_dtype
+        mod.factor_spec = {k: self.spec[k] for k in ("rank", "l", "r") if k in self.spec}  # what L, R were stored on
         for name, _ in mod.named_buffers(recurse=False):
             setattr(mod, name, getattr(self, name))
         if self.bias is not None:
@@ -426,7 +430,8 @@ class QLRLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         q = self.spec["q"]
-        s = f"in_features={self.in_features}, out_features={self.out_features}, Q={q['kind']}{q['bits']}/g{q['group_size']}"
+        qdesc = q["kind"] if q["kind"] in GGUF_GRIDS else f"{q['kind']}{q['bits']}/g{q['group_size']}"
+        s = f"in_features={self.in_features}, out_features={self.out_features}, Q={qdesc}"
         if self.rank:
             s += f", rank={self.rank}, L={self.spec['l'].get('bits', 16)}b, R={self.spec['r'].get('bits', 16)}b"
         if self.spec.get("rotation"):

@@ -12,7 +12,8 @@ Kinds (``lqlr.load(path, kernel=...)`` or :func:`set_kernel`):
 * ``"dense-fp32"``, ``"dense-fp16"``, ``"dense-bf16"`` — dequantize once: the effective weight
   W = Q + L·R in the original basis is materialised in that dtype and used by ``F.linear``
   (trades memory for speed; fp16/bf16 round the weight and compute in that dtype).
-* ``"auto"`` — ``"packed"`` where the extension is available (CPU tensors), else ``"reference"``.
+* ``"auto"`` — ``"packed"`` where the extension is available (CPU tensors) and reads the layer's
+  grids (not the GGUF formats yet), else ``"reference"``.
 
 The kernel is used for inference only: when autograd must see the layer (grad enabled and the
 input or bias requires grad, e.g. LoRA training on the packed base), the reference path runs.
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lqlr.nn.kernels.build import extension
-from lqlr.nn.kernels.plan import build_plan
+from lqlr.nn.kernels.plan import build_plan, unpacked_kinds
 
 KERNELS = ("auto", "packed", "reference", "dense-fp32", "dense-fp16", "dense-bf16")
 _DENSE_DTYPES = {"dense-fp32": torch.float32, "dense-fp16": torch.float16, "dense-bf16": torch.bfloat16}
@@ -47,9 +48,13 @@ def resolve(kind: str, layer=None) -> str:
     """The concrete kernel for ``kind``: ``"auto"`` becomes ``"packed"`` or ``"reference"``."""
     check_kernel(kind)
     on_cpu = layer is None or layer.q_scale.device.type == "cpu"
+    missing = unpacked_kinds(layer) if layer is not None else []
     if kind == "auto":
-        return "packed" if on_cpu and packed_available() else "reference"
+        return "packed" if on_cpu and not missing and packed_available() else "reference"
     if kind == "packed":
+        if missing:
+            raise ValueError(f"kernel='packed' cannot read grid {missing[0]!r} yet; use kernel='auto' (the reference "
+                             "path for such layers) or a dense-* kernel")
         if not on_cpu:
             raise ValueError("kernel='packed' runs on CPU only; use kernel='reference' or a dense-* kernel on "
                              f"{layer.q_scale.device}")

@@ -18,6 +18,15 @@ from lqlr.core.incoherence import Rotation, rotation_parts
 GEMV_MAX_ROWS = 8
 
 
+PACKED_KINDS = ("fp16", "uniform", "nf")  # grid kinds the compiled kernel reads (not the GGUF formats yet)
+
+
+def unpacked_kinds(layer) -> list[str]:
+    """The grid kinds of ``layer``'s stored matrices that the compiled kernel cannot read."""
+    prefixes = ("q", "l", "r") if layer.rank > 0 else ("q",)
+    return [layer.spec[p]["kind"] for p in prefixes if layer.spec[p]["kind"] not in PACKED_KINDS]
+
+
 def packed_matrix(ext: ModuleType, layer, prefix: str, rows: int, cols: int):
     """The kernel's view of one stored matrix (``prefix`` "q", "l" or "r") of ``layer``."""
     spec = layer.spec[prefix]
