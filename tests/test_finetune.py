@@ -13,7 +13,7 @@ from lqlr.core.bits import SEED_BITS
 from lqlr.engine.blocks import compress_model
 from lqlr.finetune.lora import lora_factors, prepare
 from lqlr.finetune.merge import merge_adapter
-from lqlr.finetune.requantize import requantize_adapter, requantize_factors
+from lqlr.finetune.requantize import RequantizeConfig, requantize_adapter, requantize_factors
 from lqlr.finetune.train import FinetuneConfig, lr_factor, train
 from lqlr.io.export import read_manifest, save_compressed
 from lqlr.io.load import load
@@ -189,7 +189,7 @@ def test_requantize_keeps_bits_and_matches_its_adapter(export, trained, tmp_path
 
 
 def test_requantized_factors_beat_rounding_each_factor(export, trained):
-    """The refit of L against the rounded R is never worse than rounding L' and R' independently."""
+    """The H = I alternation (method=frobenius) is never worse than rounding L' and R' independently."""
     from lqlr.core.grids import make_grid, quantize_rtn
 
     base = load(export)
@@ -197,7 +197,7 @@ def test_requantized_factors_beat_rounding_each_factor(export, trained):
     for name, (B, A) in lora_factors(trained[0]).items():
         m = base.get_submodule(name)
         copy = QLRLinear(m.in_features, m.out_features, m.spec)
-        copy.load_packed({**m.packed_tensors(), **requantize_factors(B, A, m)})
+        copy.load_packed({**m.packed_tensors(), **requantize_factors(B, A, m, cfg=RequantizeConfig(method="frobenius"))[0]})
         L, R = copy.factors()
         rot = m.incoherence
         Ls, Rs = rot.U.apply(B.T).T, rot.V.apply(A)  # the stored basis
@@ -208,7 +208,9 @@ def test_requantized_factors_beat_rounding_each_factor(export, trained):
         naive += float(torch.linalg.norm(Ln @ Rn - Ls @ Rs) ** 2)
     assert ours < naive
     with pytest.raises(ValueError, match="rank"):
-        requantize_factors(B[:, :1], A[:1], m)
+        requantize_factors(B[:, :1], A[:1], m, cfg=RequantizeConfig(method="frobenius"))
+    with pytest.raises(ValueError, match="needs the layer's H"):
+        requantize_factors(B, A, m)
 
 
 def test_merge_gives_a_plain_model_with_the_adapter_logits(export, trained, tmp_path):

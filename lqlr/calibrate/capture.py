@@ -66,6 +66,13 @@ class HessianAccumulator:
         return H.to(torch.float32)
 
 
+def _in_features(module: nn.Module) -> int:
+    """Input width of a linear-like module, read without touching its weight when it says it (a packed
+    QLRLinear, or a PEFT layer around one, would otherwise build its dense weight)."""
+    n = getattr(module, "in_features", None)
+    return n if isinstance(n, int) else weight_of(module).shape[1]
+
+
 def hessian_hooks(modules: Mapping[str, nn.Module]) -> "HessianHooks":
     """Context manager: inside, every forward of each module adds its input to a
     :class:`HessianAccumulator`; the hooks are removed on exit, also on error. Modules that read the
@@ -83,7 +90,7 @@ class HessianHooks:
         if not modules:
             raise ValueError("no module to capture the Hessian of: check the names or targets")
         self.modules = dict(modules)
-        self.in_features = {n: weight_of(m).shape[1] for n, m in self.modules.items()}
+        self.in_features = {n: _in_features(m) for n, m in self.modules.items()}
         self.accumulators: dict[str, HessianAccumulator] = {}
         self.shared: dict[str, str] = {}  # module name -> the module that owns its accumulator
         self._last: tuple[weakref.ref, str] | None = None  # the most recent input and who accumulated it

@@ -1,7 +1,8 @@
 """``lqlr-finetune``: fine-tune an lqlr export's L, R (a LoRA adapter) on the frozen, packed Q base.
 
     lqlr-finetune path=out/s3 train.steps=200              # -> out/s3.finetuned/adapter
-    lqlr-finetune path=out/s3 merge=true requantize=true   # + merged/ and requantized/
+    lqlr-finetune path=out/s3 merge=true requantize=true   # + merged/ and requantized/ (L, R back on their grids)
+    lqlr-finetune path=out/s3 train.qat=true requantize=true requant.method=nearest   # quantization-aware
     lqlr-finetune path=out/q3 rank=16                      # a Q-only export: zero-initialised LoRA of rank 16
 
 Config: lqlr/cli/configs/finetune.yaml (Hydra). Trains on WikiText-2 validation (random windows), evaluates
@@ -27,7 +28,8 @@ from lqlr.config import EvalConfig
 from lqlr.eval.metrics import perplexity, wikitext2_windows
 from lqlr.finetune.lora import prepare
 from lqlr.finetune.merge import merge_adapter
-from lqlr.finetune.requantize import requantize_adapter
+from lqlr.finetune.qat import disable_qat, enable_qat
+from lqlr.finetune.requantize import RequantizeConfig, requantize_adapter
 from lqlr.finetune.train import FinetuneConfig, train
 from lqlr.io.export import read_manifest
 from lqlr.io.load import load
@@ -56,6 +58,7 @@ class AppConf:
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: bool = False
     requantize: bool = False
+    requant: RequantizeConfig = field(default_factory=RequantizeConfig)
     progress: bool = True
 
 
@@ -93,10 +96,14 @@ def run(cfg: AppConf) -> dict[str, Any]:
     model.save_pretrained(adapter, save_embedding_layers=False)  # LoRA only: no hub lookup of the base
     if cfg.base == "packed":  # the saved adapter must reload to the very same logits
         probe = windows[:2, :64]
+        if tcfg.qat:  # the saved B, A are the real-valued ones: compare without the grids
+            disable_qat(model)
         with torch.no_grad():
             mine = model(probe).logits
             again = load(path, peft=True, verify=False, adapter=adapter)(probe).logits
         record["reload_max_abs_diff"] = float((mine - again).abs().max())
+        if tcfg.qat:
+            enable_qat(model)
     if test is not None:
         record["ppl_after"] = perplexity(model, test, cfg.eval.batch_size, cfg.progress)
         log.info("WikiText-2 test ppl after: %.3f", record["ppl_after"])
@@ -105,8 +112,9 @@ def run(cfg: AppConf) -> dict[str, Any]:
     if cfg.merge:
         record["merged"] = str(merge_adapter(path, adapter, out / "merged"))
     if cfg.requantize:
-        info = {"steps": tcfg.steps, "init": cfg.init, "train_tokens": windows.numel()}
-        record["requantize"] = requantize_adapter(path, adapter, out / "requantized", info=info)
+        info = {"steps": tcfg.steps, "init": cfg.init, "train_tokens": windows.numel(), "qat": tcfg.qat}
+        record["requantize"] = requantize_adapter(path, adapter, out / "requantized", info=info, cfg=cfg.requant,
+                                                  text=_text(cfg.data), progress=cfg.progress)
         if test is not None:
             record["ppl_requantized"] = perplexity(load(out / "requantized", verify=False), test, cfg.eval.batch_size,
                                                    cfg.progress)

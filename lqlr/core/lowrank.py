@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lqlr.config import FLOAT_BITS
-from lqlr.core.grids import QuantizedTensor, make_grid
+from lqlr.core.grids import Grid, QuantizedTensor, make_grid
 from lqlr.core.hessian import regularize
 from lqlr.core.ldlq import LDLQPlan, ldlq_plan, ldlq_round
 
@@ -113,10 +113,19 @@ def lr_step(A: torch.Tensor, plan: LDLQPlan | None, C: torch.Tensor | None, k: i
     k = L.shape[1]
     if bl == FLOAT_BITS and br == FLOAT_BITS:
         return Factors(L=_fp16(L), R=_fp16(R), qL=None, qR=None)
-    H = None if plan is None else plan.damped.H
     grid_L = make_grid(grid, bl, min(group_size, k), clip_search) if bl != FLOAT_BITS else None
     grid_R = make_grid(grid, br, group_size, clip_search) if br != FLOAT_BITS else None
+    return alternate_factors(A, plan, L, R, grid_L, grid_R, lr_iters, damp, block_size)
 
+
+def alternate_factors(A: torch.Tensor, plan: LDLQPlan | None, L: torch.Tensor, R: torch.Tensor,
+                      grid_L: Grid | None, grid_R: Grid | None, lr_iters: int = 3, damp: float = 0.01,
+                      block_size: int = 128) -> Factors:
+    """min over L, R on ``grid_L``, ``grid_R`` (None: fp16) of tr((A − L R) H (A − L R)ᵀ), alternating
+    from the real-valued start (L, R): each factor refit in closed form with the other fixed, then
+    rounded by LDLQ under the Hessian its rows see. ``plan`` holds the damped H (None: H = I).
+    Keeps the best iterate; stops as soon as the objective stops falling."""
+    H = None if plan is None else plan.damped.H
     best: Factors | None = None
     best_obj = float("inf")
     for _ in range(max(1, lr_iters)):

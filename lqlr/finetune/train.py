@@ -44,6 +44,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False  # recompute each decoder block in backward (less activation memory)
     mmap_threshold_kb: int = 0  # >0: blocks this large are mmapped and returned when freed (less RSS, slower)
     loss_chunk: int = 256  # tokens per chunk of LM head + loss, recomputed in backward (0: full logits at once)
+    qat: bool = False  # train B, A through their L, R grids (straight-through); stays on after train()
     log_every: int = 10
     seed: int = 0
 
@@ -113,6 +114,8 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
     step in order (n ≥ steps·batch_size), updating only the parameters that require grad.
 
     ``on_step(step, loss)`` is called after every step (1-based). Deterministic given ``cfg.seed``.
+    ``cfg.qat``: the LoRA factors compute on their grids (:func:`lqlr.finetune.qat.enable_qat`), also
+    after training, so the model evaluates as it will be requantized (``disable_qat`` undoes it).
     """
     import time
 
@@ -122,6 +125,10 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
     if windows.ndim != 2 or windows.shape[0] < need:
         raise ValueError(f"train needs {need} windows (steps × batch_size) of tokens, got shape {tuple(windows.shape)}")
     params = trainable_parameters(model)
+    if cfg.qat:
+        from lqlr.finetune.qat import enable_qat
+
+        log.info("quantization-aware training: %d LoRA pairs on their L, R grids", enable_qat(model))
     torch.manual_seed(cfg.seed)
     device = params[0].device
     if cfg.gradient_checkpointing:
@@ -159,21 +166,3 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig,
         set_checkpointing(model, False)
     model.eval()
     return result
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
