@@ -5,7 +5,9 @@
         --loftq OUT/st-loftq --steps 100 --batch-size 8 --seq-len 256 --lr 2e-3 --eval-seq-len 512 --eval-windows 16
 
 Runs ``lqlr-finetune`` once per row, each in its own process (so each peak RSS is its own):
-(a) ``lqlr``: LoRA = the decomposition's L, R on the packed Q (then L, R requantized to their grids);
+(a) ``lqlr``: LoRA = the decomposition's L, R on the packed Q (then L, R requantized to their grids under each
+layer's H; ``--requant-methods frobenius,nearest`` also puts the same adapter back with those methods);
+(a+qat) ``lqlr+qat`` (``--qat``): (a) trained through its L, R grids (``train.qat=true``), requantized to nearest;
 (b) ``qonly+zero``: QLoRA-style B = 0 LoRA, same ranks as (a), on a Q-only export;
 (b') ``lqlrQ+zero`` (``--zero-on-lqlr-q``): the same zero-init LoRA on (a)'s own Q;
 (c) ``loftq``: the LoftQ-style export's fp16 factors as LoRA init;
@@ -28,6 +30,7 @@ RESULTS = ROOT / "results"
 
 ROWS = {
     "lqlr": "(a) lqlr init: L, R from the decomposition",
+    "lqlr+qat": "(a) with quantization-aware training (train.qat)",
     "qonly+zero": "(b) Q-only base (GPTQ/LDLQ), zero-init LoRA, same ranks",
     "lqlrQ+zero": "(b') lqlr's own Q, zero-init LoRA, same ranks",
     "loftq": "(c) LoftQ-style init (lqlr loftq preset)",
@@ -45,8 +48,50 @@ def run_one(name: str, path: str, work: Path, common: list[str], extra: list[str
     return json.loads((out / "finetune.json").read_text())
 
 
+def requant_variants(name: str, export: str, work: Path, methods: list[str], record: dict, eval_windows: int,
+                     eval_seq_len: int | None) -> dict:
+    """ppl of the run's trained adapter put back on its grids by each of ``methods`` (no retraining)."""
+    from transformers import AutoTokenizer
+
+    from lqlr.calibrate.text import wikitext2_text
+    from lqlr.eval.metrics import perplexity, wikitext2_windows
+    from lqlr.finetune.requantize import RequantizeConfig, requantize_adapter
+    from lqlr.io.load import load
+
+    out: dict = dict(record.get("requant_variants") or {})
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    for method in methods:
+        if method in out:
+            continue
+        dest = work / name / f"requantized-{method}"
+        if not (dest / "manifest.json").is_file():
+            print(f"$ requantize {name} with method={method}", flush=True)
+            rec = requantize_adapter(export, work / name / "adapter", dest, cfg=RequantizeConfig(method=method),
+                                     text=wikitext2_text("validation"), progress=False)
+        else:
+            rec = json.loads((dest / "manifest.json").read_text())["finetune"]
+        model = load(dest, verify=False)
+        test = wikitext2_windows(model, tokenizer, eval_seq_len, eval_windows)
+        out[method] = {"ppl": perplexity(model, test, 1, False), "requantize_s": rec.get("requantize_s"),
+                       "rel_error_mean": rec.get("rel_error_mean")}
+    return out
+
+
+def gain_kept(r: dict) -> float | None:
+    """Share of the fine-tuning perplexity gain left after requantizing: (before − requantized) / (before − after)."""
+    if r.get("ppl_requantized") is None or r.get("ppl_after") is None or r["ppl_before"] == r["ppl_after"]:
+        return None
+    return (r["ppl_before"] - r["ppl_requantized"]) / (r["ppl_before"] - r["ppl_after"])
+
+
 def _fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
+
+
+def _requantized(r: dict) -> str:
+    if r.get("ppl_requantized") is None:
+        return "—"
+    return f"{r['ppl_requantized']:.2f} ({r.get('requant_method') or 'frobenius refit, v0.2'})"
 
 
 def _weights_mb(r: dict) -> str:
@@ -71,14 +116,24 @@ def write_tables(results: dict) -> None:
                   f"(warmup {s.get('warmup_steps', 10)}, cosine)"
                   f"{', gradient checkpointing' if s.get('gradient_checkpointing') else ''}, "
                   f"eval {s['eval_windows']} windows × {s['eval_seq_len']} tokens.", "",
-                  "| run | bits (all-in) | trainable params | ppl before | ppl after | ppl requantized | "
-                  "train s | weights (MB) | peak RSS train (MB) | RSS at start (MB) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| run | bits (all-in) | trainable params | ppl before | ppl after | ppl requantized (method) | "
+                  "gain kept | train s | weights (MB) | peak RSS train (MB) | RSS at start (MB) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in entry["runs"].items():
             bits = None if r["base"] == "fp32" else r["bits_per_param"]
             lines.append(f"| {ROWS.get(name, name)} | {_fmt(bits, '.3f')} | {r['trainable_params']:,} | "
-                         f"{_fmt(r.get('ppl_before'))} | {_fmt(r.get('ppl_after'))} | {_fmt(r.get('ppl_requantized'))} | "
-                         f"{r['train_s']:.0f} | {_weights_mb(r)} | {r['peak_rss_train_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
+                         f"{_fmt(r.get('ppl_before'))} | {_fmt(r.get('ppl_after'))} | {_requantized(r)} | "
+                         f"{_fmt(gain_kept(r), '.0%')} | {r['train_s']:.0f} | {_weights_mb(r)} | {r['peak_rss_train_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
+        variants = entry["runs"].get("lqlr", {}).get("requant_variants") or {}
+        if variants:
+            r = entry["runs"]["lqlr"]
+            lines += ["(a)'s trained adapter put back on its grids by each requantization method (same bits):", "",
+                      "| method | ppl requantized | gain kept | rel. Frobenius error of B·A (mean) | seconds |",
+                      "|---|---:|---:|---:|---:|"]
+            for method, v in variants.items():
+                kept = gain_kept({**r, "ppl_requantized": v["ppl"]})
+                lines.append(f"| {method} | {v['ppl']:.2f} | {_fmt(kept, '.0%')} | {_fmt(v.get('rel_error_mean'), '.4f')} "
+                             f"| {_fmt(v.get('requantize_s'), '.0f')} |")
         lines.append("")
     (RESULTS / "finetune.md").write_text("\n".join(lines))
 
@@ -113,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zero-on-lqlr-q", action="store_true",
                    help="(b'): zero-init LoRA on (a)'s own Q (same base as (a); that Q was fitted next to L R)")
     p.add_argument("--no-fp32", action="store_true", help="skip the full-precision LoRA reference")
+    p.add_argument("--qat", action="store_true", help="(a+qat): (a) trained through its grids, requantized to nearest")
+    p.add_argument("--requant-method", default="hessian", help="how (a) is requantized (requant.method)")
+    p.add_argument("--requant-methods", default="",
+                   help="comma list of further methods to requantize (a)'s trained adapter with (e.g. frobenius,nearest)")
     p.add_argument("--work", default=None, help="folder for the runs (default <lqlr export>.compare)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
@@ -130,7 +189,15 @@ def main(argv: list[str] | None = None) -> None:
               f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
               f"eval.max_windows={a.eval_windows}", f"eval.seq_len={a.eval_seq_len if a.eval_seq_len else 'null'}"]
     like = f"lora_like={Path(a.lqlr) / 'adapter'}"
-    runs = {"lqlr": run_one("lqlr", a.lqlr, work, common, ["init=export", "requantize=true"])}
+    runs = {"lqlr": run_one("lqlr", a.lqlr, work, common,
+                            ["init=export", "requantize=true", f"requant.method={a.requant_method}"])}
+    methods = [m for m in a.requant_methods.split(",") if m]
+    if methods:
+        runs["lqlr"]["requant_variants"] = requant_variants("lqlr", a.lqlr, work, methods, runs["lqlr"],
+                                                           a.eval_windows, a.eval_seq_len)
+    if a.qat:
+        runs["lqlr+qat"] = run_one("lqlr+qat", a.lqlr, work, common,
+                                   ["init=export", "train.qat=true", "requantize=true", "requant.method=nearest"])
     if a.qonly:
         runs["qonly+zero"] = run_one("qonly+zero", a.qonly, work, common, ["init=zero", like])
     if a.zero_on_lqlr_q:
@@ -146,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                 "warmup_steps": a.warmup_steps, "seed": a.seed, "gradient_checkpointing": a.gradient_checkpointing,
                 "eval_windows": a.eval_windows, "eval_seq_len": runs["lqlr"]["eval_tokens"] // a.eval_windows}
     keep = ("init", "base", "bits_per_param", "trainable_params", "ppl_before", "ppl_after", "ppl_requantized",
-            "train_s", "peak_rss_train_mb", "rss_before_train_mb", "weights_frozen_mb", "weights_trainable_mb", "reload_max_abs_diff", "losses", "train_tokens")
+            "train_s", "peak_rss_train_mb", "rss_before_train_mb", "weights_frozen_mb", "weights_trainable_mb",
+            "reload_max_abs_diff", "losses", "train_tokens", "requant_method", "requant_variants")
     results[a.label] = {"settings": settings, "runs": {n: {k: r.get(k) for k in keep} for n, r in runs.items()}}
     store.write_text(json.dumps(results, indent=1))
     write_tables(results)

@@ -111,6 +111,7 @@ def test_requantize_adapter_hessian_writes_a_better_export(export, trained, tmp_
         recs[method] = requantize_adapter(export, adapter, out, cfg=cfg, progress=False)
         new = read_manifest(out)
         assert new["summary"] == read_manifest(export)["summary"] and new["finetune"]["method"] == method
+        assert f"`{method}` requantization" in (out / "README.md").read_text()  # the card says what was done
         with torch.no_grad():
             lp = load(out)(probe).logits.log_softmax(-1)
         kl[method] = float((tuned.exp() * (tuned - lp)).sum(-1).mean())  # KL(fine-tuned ‖ requantized)

@@ -31,6 +31,7 @@ from lqlr.finetune.merge import merge_adapter
 from lqlr.finetune.qat import disable_qat, enable_qat
 from lqlr.finetune.requantize import RequantizeConfig, requantize_adapter
 from lqlr.finetune.train import FinetuneConfig, train
+from lqlr.io.card import write_model_card
 from lqlr.io.export import read_manifest
 from lqlr.io.load import load
 from lqlr.util.memory import module_memory_mb, peak_rss_mb, reset_peak_rss, rss_mb
@@ -113,11 +114,15 @@ def run(cfg: AppConf) -> dict[str, Any]:
         record["merged"] = str(merge_adapter(path, adapter, out / "merged"))
     if cfg.requantize:
         info = {"steps": tcfg.steps, "init": cfg.init, "train_tokens": windows.numel(), "qat": tcfg.qat}
+        record["requant_method"] = cfg.requant.method
         record["requantize"] = requantize_adapter(path, adapter, out / "requantized", info=info, cfg=cfg.requant,
                                                   text=_text(cfg.data), progress=cfg.progress)
         if test is not None:
             record["ppl_requantized"] = perplexity(load(out / "requantized", verify=False), test, cfg.eval.batch_size,
                                                    cfg.progress)
+            write_model_card(out / "requantized", quality={"ppl": record["ppl_requantized"],
+                                                           "eval_tokens": record["eval_tokens"],
+                                                           "eval_seq_len": int(test.shape[1])})
             log.info("WikiText-2 test ppl after requantizing L, R: %.3f", record["ppl_requantized"])
     record["wall_s"] = time.perf_counter() - t_start
     record["config"] = asdict(cfg)

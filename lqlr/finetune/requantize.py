@@ -17,6 +17,7 @@ from lqlr.core.hessian import cholesky, h_weighted_error, regularize
 from lqlr.core.ldlq import ldlq_plan
 from lqlr.core.lowrank import alternate_factors, rank_k_fit
 from lqlr.finetune.lora import lora_factors
+from lqlr.io.card import write_model_card
 from lqlr.io.export import (
     ADAPTER_DIR,
     BASE_FILE,
@@ -226,4 +227,5 @@ def requantize_adapter(path: str | os.PathLike, adapter: str | os.PathLike, out:
     for name, err in errors.items():
         manifest["modules"][name].update({f"finetune_requant_{k}": v for k, v in err.items()})
     write_manifest(out, manifest)
+    write_model_card(out, manifest)  # "not measured": lqlr-finetune rewrites it once it evaluated the export
     return record

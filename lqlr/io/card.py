@@ -117,7 +117,13 @@ def model_card(manifest: dict[str, Any], quality: dict[str, Any] | None = None) 
             f"| L·R rank | {f'{min(ranks)}–{max(ranks)}' if ranks and min(ranks) != max(ranks) else (ranks[0] if ranks else 0)} |",
             f"| L·R factors (linears) | {counts(factor_grids)} |",
             f"| incoherence rotation | {rotated} of {len(specs)} linears |",
-            f"| other tensors | {manifest.get('untouched_dtype', 'float16')} |", ""]
+            f"| other tensors | {manifest.get('untouched_dtype', 'float16')} |"]
+    tuned = manifest.get("finetune")
+    if tuned:
+        steps = f"{tuned['steps']} steps" if tuned.get("steps") else "fine-tuned"
+        body.append(f"| L·R fine-tuned | {steps}{', quantization-aware' if tuned.get('qat') else ''}, put back on "
+                    f"their grids by `{tuned.get('method', 'frobenius')}` requantization |")
+    body.append("")
     body += _quality_lines(quality)
     adapter = any(ranks)
     body += ["## Use", "", "```python",
