@@ -27,5 +27,5 @@ def test_the_wheel_ships_configs_kernels_and_assets(tmp_path):
     assert not any(n.startswith(("tests/", "experiments/", "results/")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry).decode()
-    for cmd in ("lqlr-compress", "lqlr-eval", "lqlr-finetune", "lqlr-diagnose", "lqlr-bench"):
+    for cmd in ("lqlr-compress", "lqlr-eval", "lqlr-finetune", "lqlr-diagnose", "lqlr-bench", "lqlr-export"):
         assert cmd in scripts

@@ -258,18 +258,27 @@ class QLRLinear(nn.Linear):
     def rank(self) -> int:
         return int(self.spec.get("rank", 0))
 
-    def _matrix(self, prefix: str, rows: int, cols: int) -> torch.Tensor:
-        spec = self.spec[prefix]
-        if spec["kind"] == FP16:
-            return getattr(self, f"{prefix}_weight").to(torch.float32)
+    def quantized(self, prefix: str = "q") -> QuantizedTensor | None:
+        """The stored Q' (``prefix="q"``), L' (``"l"``) or R' (``"r"``) on its grid: codes and group
+        parameters, unpacked (None for a factor stored in fp16, or absent at rank 0)."""
+        spec = self.spec.get(prefix)
+        if spec is None or spec["kind"] == FP16:
+            return None
+        rows = self.out_features if prefix in ("q", "l") else self.rank
+        cols = self.in_features if prefix in ("q", "r") else self.rank
         t = {"codes": getattr(self, f"{prefix}_codes"), "scale": getattr(self, f"{prefix}_scale")}
         if hasattr(self, f"{prefix}_zero"):
             t["zero"] = getattr(self, f"{prefix}_zero")
-        return QuantizedTensor.from_packed(t, (rows, cols), _grid(spec)).dequantize()
+        return QuantizedTensor.from_packed(t, (rows, cols), _grid(spec))
+
+    def _matrix(self, prefix: str) -> torch.Tensor:
+        if self.spec[prefix]["kind"] == FP16:
+            return getattr(self, f"{prefix}_weight").to(torch.float32)
+        return self.quantized(prefix).dequantize()
 
     def stored_q(self) -> torch.Tensor:
         """Q' (out, in) as stored (rotated basis when incoherence is on)."""
-        return self._matrix("q", self.out_features, self.in_features)
+        return self._matrix("q")
 
     def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L', R') as stored: (out, k) and (k, in)."""
@@ -277,7 +286,7 @@ class QLRLinear(nn.Linear):
         if k == 0:
             dev = self.q_scale.device
             return torch.zeros(self.out_features, 0, device=dev), torch.zeros(0, self.in_features, device=dev)
-        return self._matrix("l", self.out_features, k), self._matrix("r", k, self.in_features)
+        return self._matrix("l"), self._matrix("r")
 
     def q_weight(self) -> torch.Tensor:
         """Q in the original basis, (out, in) float32."""
