@@ -1,4 +1,7 @@
-"""Shared test helpers: small matrices and anisotropic, correlated Hessians."""
+"""Shared test helpers: small matrices and anisotropic, correlated Hessians; a stories260K export."""
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +20,31 @@ def W_H():
     gen = torch.Generator().manual_seed(1)
     W = torch.randn(96, 128, generator=gen)
     return W, correlated_hessian(128, seed=2)
+
+
+@pytest.fixture(scope="session")
+def stories_export(tmp_path_factory):
+    """A stories260K export made once per session by ``lqlr.compress`` (seconds on a CPU): 35 compressed
+    linears with BQ = 3 and rank 4 (so L, R and an adapter/), incoherence, the untouched tensors in the
+    default 16 bits, the tokenizer. Shared: a test must not write into it (use ``stories_export_copy``);
+    teardown fails if its checksums or model card changed."""
+    import lqlr
+    from lqlr.io.export import read_manifest
+
+    out = tmp_path_factory.mktemp("stories") / "s3"
+    cfg = lqlr.CompressConfig(qlr=lqlr.QLRConfig(bq=3, rank=4, group_size=32, iters=1, incoherence=True),
+                              calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=64))
+    lqlr.compress("stories260k", cfg, output_dir=out, progress=False)
+    card = (out / "README.md").read_bytes()
+    yield out
+    read_manifest(out, verify=True)  # IntegrityError if a test changed a file
+    assert (out / "README.md").read_bytes() == card, "a test rewrote the shared export's model card"
+
+
+@pytest.fixture
+def stories_export_copy(stories_export, tmp_path):
+    """A private copy of ``stories_export`` that the test may change."""
+    return Path(shutil.copytree(stories_export, tmp_path / "s3"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,5 @@
 """transformers-only loading: import lqlr; AutoModelForCausalLM.from_pretrained(export); PeftModel.from_pretrained(...)."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -50,13 +49,9 @@ def _export(model, out, untouched_dtype="float32"):
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A stories260K export with L, R (so an adapter/), the untouched tensors in the default 16 bits."""
-    out = tmp_path_factory.mktemp("hf") / "s3"
-    cfg = lqlr.CompressConfig(qlr=lqlr.QLRConfig(bq=3, rank=4, group_size=32, iters=1, incoherence=True),
-                              calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=64))
-    lqlr.compress("stories260k", cfg, output_dir=out, progress=False)
-    return out
+def export(stories_export):
+    """The session's shared stories260K export (tests/conftest.py): read only."""
+    return stories_export
 
 
 PROBE = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -120,11 +115,10 @@ def test_from_pretrained_never_builds_a_dense_weight(export, monkeypatch):
     assert not any(isinstance(getattr(m, "_merged", None), torch.Tensor) for m in model.modules())
 
 
-def test_from_pretrained_verifies_the_checksums(export, tmp_path):
+def test_from_pretrained_verifies_the_checksums(stories_export_copy):
     from transformers import AutoModelForCausalLM
 
-    copy = tmp_path / "copy"
-    shutil.copytree(export, copy)
+    copy = stories_export_copy
     data = bytearray((copy / "model.safetensors").read_bytes())
     data[-10] ^= 0xFF
     (copy / "model.safetensors").write_bytes(bytes(data))
@@ -163,7 +157,7 @@ def test_save_pretrained_writes_an_export_that_loads_to_the_same_model(export, t
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_peft_from_pretrained_on_the_packed_base(export):
+def test_peft_from_pretrained_on_the_packed_base(export, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -188,7 +182,7 @@ def test_peft_from_pretrained_on_the_packed_base(export):
     with torch.no_grad():
         assert _rel(merged(PROBE).logits, full) <= 1e-5
     with pytest.raises(ValueError, match="merged dense weight"):
-        merged.save_pretrained(export.parent / "merged")
+        merged.save_pretrained(tmp_path / "merged")
 
 
 def test_weight_reads_no_dense_tensor_until_used(export, monkeypatch):

@@ -20,13 +20,9 @@ LL = [{"context": f"Lily saw a {n}.", "continuation": " She smiled and said hell
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A stories260K export with L, R and its tokenizer (seconds on a CPU)."""
-    out = tmp_path_factory.mktemp("lm_eval") / "s3"
-    cfg = lqlr.CompressConfig(qlr=lqlr.QLRConfig(bq=3, rank=4, group_size=32, iters=1, incoherence=True),
-                              calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=64))
-    lqlr.compress("stories260k", cfg, output_dir=out, progress=False)
-    return out
+def export(stories_export):
+    """The session's shared stories260K export (tests/conftest.py): read only."""
+    return stories_export
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +91,8 @@ def test_limit_and_glob_patterns(export, tasks, reference):
     assert out["results"]["lqlr_tiny_mc"]["n_samples"] == 4 and out["config"]["limit"] == 4
 
 
-def test_lqlr_eval_cli_writes_lm_eval_next_to_ppl_and_kl(export, tasks, reference, tmp_path, capsys):
+def test_lqlr_eval_cli_writes_lm_eval_next_to_ppl_and_kl(stories_export_copy, tasks, reference, tmp_path, capsys):
+    export = stories_export_copy  # --card rewrites the export's README.md
     path = tmp_path / "eval.json"
     lqlr_eval([str(export), "--seq-len", "64", "--max-windows", "1", "--tasks", "lqlr_tiny_mc",
                "--include-path", str(tasks), "--num-fewshot", "0", "--batch-size", "2", "--out", str(path), "--card"])

@@ -7,19 +7,15 @@ training, and the saved adapter reloads onto a fresh packed base to the same log
 import pytest
 import torch
 
-import lqlr
 from lqlr.nn.layer import QLRLinear
 
 SEQ, WINDOWS = 32, 16  # 512 tokens
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "s3"
-    cfg = lqlr.CompressConfig(qlr=lqlr.QLRConfig(bq=3, rank=4, group_size=32, iters=1, incoherence=True),
-                              calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=64))
-    lqlr.compress("stories260k", cfg, output_dir=out, progress=False)
-    return out
+def export(stories_export):
+    """The session's shared stories260K export (tests/conftest.py): read only."""
+    return stories_export
 
 
 @pytest.fixture(scope="module")
