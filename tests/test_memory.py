@@ -2,7 +2,13 @@
 import torch
 from torch import nn
 
-from lqlr.util.memory import module_memory_mb, peak_rss_mb, reset_peak_rss, rss_mb
+from lqlr.util.memory import (
+    module_memory_mb,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+    rss_parts_mb,
+)
 
 
 def test_module_memory_counts_trainable_frozen_and_tied_once():
@@ -24,6 +30,23 @@ def test_peak_rss_sees_a_large_allocation_after_reset():
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
     assert peak_rss_mb() >= base + 60
     del x
+
+
+def test_rss_parts_split_heap_from_mapped_files(tmp_path):
+    import mmap
+
+    before = rss_parts_mb()
+    assert before["file"] > 0  # the interpreter's and torch's code at least
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB of heap, touched
+    heap = rss_parts_mb()
+    assert heap["anon"] >= before["anon"] + 60 and heap["file"] < before["file"] + 30
+    del x
+    path = tmp_path / "blob"
+    path.write_bytes(b"\1" * 64 * 2**20)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert sum(m[i] for i in range(0, len(m), 4096)) == len(m) // 4096  # every page read
+        mapped = rss_parts_mb()
+    assert mapped["file"] >= heap["file"] + 60
 
 
 def test_mmap_threshold_returns_freed_blocks_to_the_os():

@@ -50,6 +50,12 @@ def rss_mb() -> float:
     return _status_mb("VmRSS")
 
 
+def rss_parts_mb() -> dict[str, float]:
+    """The current RSS in MiB split into ``anon`` (heap, tensors) and ``file`` (mapped files: code, and
+    memory-mapped weights such as safetensors); NaN where /proc is not available."""
+    return {"anon": _status_mb("RssAnon"), "file": _status_mb("RssFile")}
+
+
 def module_memory_mb(module) -> dict[str, float]:
     """MiB held by ``module``'s tensors: ``trainable`` parameters, ``frozen`` parameters and buffers
     (shared tensors, e.g. tied embeddings, counted once)."""
