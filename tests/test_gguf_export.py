@@ -140,6 +140,19 @@ def test_compressed_tensors_are_the_exported_codes(stories):
 
 
 @pytest.mark.slow
+def test_fallback_f32_is_exact(stories, tmp_path):
+    export, _, _, _ = stories
+    record = export_gguf(export, tmp_path / "f32", fallback_type="f32")
+    _, tensors = _read(tmp_path / "f32" / "model.gguf")
+    model = load(export)
+    for i in range(5):
+        t = tensors[f"blk.{i}.ffn_down.weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        np.testing.assert_array_equal(_bits(t.data), _bits(model.model.layers[i].mlp.down_proj.q_weight().numpy()))
+    assert all("written as f32" in why for why in record["fallbacks"].values())
+
+
+@pytest.mark.slow
 def test_untouched_tensors_equal_the_source(stories, tiny):
     export, out, _, _ = stories
     _, tensors = _read(out / "model.gguf")
