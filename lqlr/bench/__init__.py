@@ -7,6 +7,7 @@
     lqlr-bench proxy                 # does the allocator's cheap cost rank options like full decompositions?
     lqlr-bench scale                 # 7B/8B/70B shapes, lazily, block by block (synthetic checkpoints)
     lqlr-bench scale --quick         # a tiny shape for a fresh install (about a minute)
+    lqlr-bench load --path EXPORT... # peak RSS and time of from_pretrained(export) vs lqlr.load, child processes
 """
 from __future__ import annotations
 
@@ -117,6 +118,21 @@ def main(argv: list[str] | None = None) -> None:
                    help="where the synthetic checkpoints and exports are written (tens of GB for the full run)")
     p.add_argument("--name", default=None, help="results file name (default: scale, or scale_quick)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
+    p = sub.add_parser("load", help="peak RSS and time of from_pretrained(export) against lqlr.load, in child processes")
+    p.add_argument("--path", nargs="+", required=True, help="one or more lqlr exports")
+    p.add_argument("--loaders", nargs="+", default=["from_pretrained", "lqlr.load"],
+                   choices=["from_pretrained", "lqlr.load"], help="how each export is loaded (one child per loader)")
+    p.add_argument("--dtypes", nargs="+", default=["default"], choices=["default", "float32", "float16", "bfloat16"],
+                   help="from_pretrained's dtype= (default: none given, i.e. float32); one record per dtype")
+    p.add_argument("--warmup", default="auto",
+                   help="export each child loads first, outside the measurement: auto (a tiny stories260K export "
+                        "made once under --work-dir), none, or a path")
+    p.add_argument("--repeats", type=int, default=3, help="children per export and loader (best time, worst peak)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one child may take")
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "lqlr" / "bench-load"),
+                   help="where the warm-up export is made once")
+    p.add_argument("--name", default="load", help="results file name (default: load)")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     torch.manual_seed(0)
@@ -137,6 +153,17 @@ def main(argv: list[str] | None = None) -> None:
             args.shapes, args.n_samples, args.seq_len = ["tiny"], 4, 64
         args.name = args.name or ("scale_quick" if args.quick else "scale")
         scale.main(args)
+    elif args.bench == "load":
+        from lqlr.bench import load
+
+        if args.repeats < 1:
+            parser.error(f"--repeats {args.repeats}: run each loader at least once")
+        try:
+            for path in args.path + ([] if args.warmup in ("auto", "none") else [args.warmup]):
+                load.check_export(path)
+        except ValueError as err:
+            parser.error(str(err))
+        load.main(args)
     elif args.bench == "quality":
         from lqlr.bench.quality import main_args
 
