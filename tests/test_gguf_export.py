@@ -481,6 +481,31 @@ def test_cli_writes_and_refuses_in_one_line(tiny, tmp_path, capsys):
     assert not (tmp_path / "no-tok").exists() and not (tmp_path / "y").exists()
 
 
+def test_float_tensors_keep_their_type(tmp_path):
+    """bf16, f16, f32 matrices are written in their own type (bf16 as raw bytes); norms and vectors as F32."""
+    from lqlr.io.gguf.convert import float_array, permute_rows
+
+    gen = torch.Generator().manual_seed(0)
+    writer = gguf.GGUFWriter(None, "llama")
+    mats = {f"m.{d}": torch.randn(8, 64, generator=gen).to(d) for d in (torch.bfloat16, torch.float16, torch.float32)}
+    mats["blk.0.attn_norm.weight"] = torch.randn(64, generator=gen).to(torch.float16)
+    for name, t in mats.items():
+        data, qtype = float_array(t, name)
+        writer.add_tensor(name, permute_rows(data, 2 if t.ndim == 2 else None),
+                          raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.BF16 else None)
+    writer.write_header_to_file(path=tmp_path / "f.gguf")
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _, tensors = _read(tmp_path / "f.gguf")
+    want = {"m.torch.bfloat16": "BF16", "m.torch.float16": "F16", "m.torch.float32": "F32", "blk.0.attn_norm.weight": "F32"}
+    for name, t in mats.items():
+        assert tensors[name].tensor_type.name == want[name]
+        got = dequantize(tensors[name].data, tensors[name].tensor_type)
+        got = _unpermute(got, 2) if t.ndim == 2 else got
+        np.testing.assert_array_equal(got.astype(np.float32), t.float().numpy())
+
+
 def test_unsupported_architectures_are_refused():
     with pytest.raises(ValueError, match=r"model_type 'qwen2' is not supported .* convert_hf_to_gguf"):
         llama_arch({"model_type": "qwen2", "num_attention_heads": 4, "num_hidden_layers": 2})
