@@ -13,11 +13,25 @@ import itertools
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
-from lqlr.core.gguf_grids import GGUF_GRIDS, fixed_values_error
 from lqlr.util.devices import check_device
 
 GRIDS = ("uniform", "nf")  # grids of Q, L and R
-Q_GRIDS = GRIDS + tuple(GGUF_GRIDS)  # Q may also take a llama.cpp block format (bq, group_size fixed by it)
+# llama.cpp's 32-weight block formats and their code bits (lqlr.core.gguf_grids implements them)
+GGUF_BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "iq4_nl": 4}
+GGUF_BLOCK = 32
+GGUF_GRIDS = tuple(GGUF_BITS)
+Q_GRIDS = GRIDS + GGUF_GRIDS  # Q may also take a llama.cpp block format (bq, group_size fixed by it)
+
+
+def fixed_values_error(kind: str, bits: int | None, group_size: int | None, bits_name: str = "bits") -> str | None:
+    """The one-line error for ``bits``/``group_size`` that disagree with GGUF type ``kind`` (None
+    when they agree or are not given); ``bits_name`` names the bits argument (``bq`` in a config)."""
+    bits_fixed = GGUF_BITS[kind]
+    if (bits is not None and int(bits) != bits_fixed) or (group_size is not None and int(group_size) != GGUF_BLOCK):
+        return (f"grid={kind!r} is a fixed GGUF format of {bits_fixed}-bit codes in blocks of {GGUF_BLOCK}: set "
+                f"{bits_name}={bits_fixed}, group_size={GGUF_BLOCK} (got {bits_name}={bits}, group_size={group_size})")
+    return None
+
 ORDERS = ("lr_first", "q_first")
 SVD_METHODS = ("auto", "exact", "randomized")
 FLOAT_BITS = 16  # a factor kept as 16-bit floats instead of a low-bit grid

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
+from lqlr.config import GGUF_BITS, GGUF_BLOCK, fixed_values_error
 from lqlr.core.grids import Grid, GroupParams, fp16_round
 
-BLOCK = 32  # weights per ggml block (QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = QK4_NL = 32)
+BLOCK = GGUF_BLOCK  # weights per ggml block (QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = QK4_NL = 32)
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 # kvalues_iq4nl of ggml-common.h: the 16 levels of IQ4_NL, ascending
@@ -253,12 +254,4 @@ class IQ4_NLGrid(GGUFGrid):
 
 GGUF_GRIDS: dict[str, type[GGUFGrid]] = {g.kind: g for g in (Q4_0Grid, Q4_1Grid, Q5_0Grid, Q5_1Grid, Q8_0Grid, IQ4_NLGrid)}
 
-
-def fixed_values_error(kind: str, bits: int | None, group_size: int | None, bits_name: str = "bits") -> str | None:
-    """The one-line error for ``bits``/``group_size`` that disagree with GGUF type ``kind`` (None
-    when they agree or are not given); ``bits_name`` names the bits argument (``bq`` in a config)."""
-    cls = GGUF_GRIDS[kind]
-    if (bits is not None and int(bits) != cls.bits_fixed) or (group_size is not None and int(group_size) != BLOCK):
-        return (f"grid={kind!r} is a fixed GGUF format of {cls.bits_fixed}-bit codes in blocks of {BLOCK}: set "
-                f"{bits_name}={cls.bits_fixed}, group_size={BLOCK} (got {bits_name}={bits}, group_size={group_size})")
-    return None
+assert {k: g.bits_fixed for k, g in GGUF_GRIDS.items()} == GGUF_BITS, "lqlr.config.GGUF_BITS and the grids disagree"
