@@ -121,15 +121,24 @@ def write_tables(results: dict) -> None:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in entry["runs"].items():
             bits = None if r["base"] == "fp32" else r["bits_per_param"]
+            # QAT's own "after" is already on the grids: its gain is measured against (a)'s unconstrained training
+            ref = entry["runs"].get("lqlr", r) if name == "lqlr+qat" else r
             lines.append(f"| {ROWS.get(name, name)} | {_fmt(bits, '.3f')} | {r['trainable_params']:,} | "
                          f"{_fmt(r.get('ppl_before'))} | {_fmt(r.get('ppl_after'))} | {_requantized(r)} | "
-                         f"{_fmt(gain_kept(r), '.0%')} | {r['train_s']:.0f} | {_weights_mb(r)} | {r['peak_rss_train_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
+                         f"{_fmt(gain_kept({**ref, 'ppl_requantized': r.get('ppl_requantized')}), '.0%')} | {r['train_s']:.0f} | {_weights_mb(r)} | {r['peak_rss_train_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
         variants = entry["runs"].get("lqlr", {}).get("requant_variants") or {}
         if variants:
             r = entry["runs"]["lqlr"]
-            lines += ["(a)'s trained adapter put back on its grids by each requantization method (same bits):", "",
+            lines += ["", "(a)'s trained adapter put back on its grids by each requantization method (same bits; `gain kept` ="
+                      " (ppl before − ppl requantized) / (ppl before − ppl after); the (a+qat) row's is against (a)'s"
+                      " ppl after):", "",
                       "| method | ppl requantized | gain kept | rel. Frobenius error of B·A (mean) | seconds |",
                       "|---|---:|---:|---:|---:|"]
+            if r.get("ppl_requantized") is not None:
+                own = r.get("requant_method") or "frobenius"
+                rq = r.get("requantize") or {}
+                variants = {own: {"ppl": r["ppl_requantized"], "requantize_s": rq.get("requantize_s"),
+                                  "rel_error_mean": rq.get("rel_error_mean")}, **variants}
             for method, v in variants.items():
                 kept = gain_kept({**r, "ppl_requantized": v["ppl"]})
                 lines.append(f"| {method} | {v['ppl']:.2f} | {_fmt(kept, '.0%')} | {_fmt(v.get('rel_error_mean'), '.4f')} "
@@ -214,8 +223,12 @@ def main(argv: list[str] | None = None) -> None:
                 "eval_windows": a.eval_windows, "eval_seq_len": runs["lqlr"]["eval_tokens"] // a.eval_windows}
     keep = ("init", "base", "bits_per_param", "trainable_params", "ppl_before", "ppl_after", "ppl_requantized",
             "train_s", "peak_rss_train_mb", "rss_before_train_mb", "weights_frozen_mb", "weights_trainable_mb",
-            "reload_max_abs_diff", "losses", "train_tokens", "requant_method", "requant_variants")
-    results[a.label] = {"settings": settings, "runs": {n: {k: r.get(k) for k in keep} for n, r in runs.items()}}
+            "reload_max_abs_diff", "losses", "train_tokens", "requant_method", "requant_variants", "requantize")
+    rows = {n: {k: r.get(k) for k in keep} for n, r in runs.items()}
+    previous = results.get(a.label, {})
+    if previous.get("settings") == settings:  # same training setup: rows not run this time are kept
+        rows = {**previous["runs"], **rows}
+    results[a.label] = {"settings": settings, "runs": rows}
     store.write_text(json.dumps(results, indent=1))
     write_tables(results)
     plot(results)
