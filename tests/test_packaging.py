@@ -20,7 +20,8 @@ def test_the_wheel_ships_configs_kernels_and_assets(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "lqlr" / "cli" / "configs").rglob("*.yaml")}
     assert shipped and shipped <= names  # every config group, hydra launchers included
-    for f in ("lqlr/nn/kernels/qlr_cpu.cpp", "lqlr/assets/stories260K/model.safetensors",
+    for f in ("lqlr/nn/kernels/qlr_cpu.cpp", "lqlr/util/llamacpp_logits.cpp",
+              "lqlr/assets/stories260K/model.safetensors",
               "lqlr/assets/stories260K/tokenizer.json", "lqlr/assets/wikitext-2-raw/wiki.test.raw",
               "lqlr/assets/wikitext-2-raw/wiki.valid.raw", "lqlr/assets/README.md"):
         assert f in names, f

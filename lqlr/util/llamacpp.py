@@ -198,7 +198,8 @@ def build(root: Path | None = None, jobs: int | None = None, echo: Callable[[str
              or shutil.which("clang++")}
     lacking = [k for k, v in tools.items() if v is None]
     if lacking:
-        raise LlamaCppError(f"building llama.cpp needs {' and '.join(lacking)} on PATH (e.g. apt-get install cmake g++)")
+        raise LlamaCppError(f"building llama.cpp needs {' and '.join(lacking)} on PATH "
+                            "(e.g. apt-get install cmake g++)")
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = open(root / ".lock", "w")  # noqa: SIM115 (held until the build ends)
@@ -311,7 +312,8 @@ def dequantize(model: str | os.PathLike, root: Path | None = None) -> dict[str, 
 
 
 def tokenize(model: str | os.PathLike, text: str, special: bool = True, root: Path | None = None) -> list[int]:
-    """llama.cpp's token ids of ``text`` with ``model``'s vocabulary (BOS/EOS as the file says unless not ``special``)."""
+    """llama.cpp's token ids of ``text`` with ``model``'s vocabulary (BOS/EOS as the file says, unless not
+    ``special``; special tokens written in ``text`` are parsed)."""
     args = ["-m", str(model), "--tokenize"] + ([] if special else ["--no-special"])
     return [int(t) for t in _call(args, text, root).split()]
 
