@@ -199,7 +199,7 @@ def build(root: Path | None = None, jobs: int | None = None, echo: Callable[[str
     lacking = [k for k, v in tools.items() if v is None]
     if lacking:
         raise LlamaCppError(f"building llama.cpp needs {' and '.join(lacking)} on PATH "
-                            "(e.g. apt-get install cmake g++)")
+                            "(cmake: pip install cmake, part of the test extra; a compiler: e.g. apt-get install g++)")
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = open(root / ".lock", "w")  # noqa: SIM115 (held until the build ends)
