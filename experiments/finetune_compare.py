@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
             "train_s", "peak_rss_train_mb", "rss_before_train_mb", "weights_frozen_mb", "weights_trainable_mb",
             "reload_max_abs_diff", "losses", "train_tokens", "requant_method", "requant_variants", "requantize")
     rows = {n: {k: r.get(k) for k in keep} for n, r in runs.items()}
+    for r in rows.values():  # no machine paths in the results
+        if isinstance(r.get("requantize"), dict):
+            r["requantize"] = {k: v for k, v in r["requantize"].items() if k != "adapter"}
     previous = results.get(a.label, {})
     if previous.get("settings") == settings:  # same training setup: rows not run this time are kept
         rows = {**previous["runs"], **rows}
