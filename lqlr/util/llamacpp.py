@@ -5,7 +5,7 @@
 
 The only network lqlr's CI has is the package registry, so llama.cpp comes from PyPI: the source
 distribution of ``llama-cpp-python`` (pinned: :data:`VERSION`) vendors llama.cpp under vendor/llama.cpp.
-``build`` gets it with ``pip download --no-deps --no-binary :all:``, unpacks the parts that build libllama,
+``build`` gets it with ``pip download --no-deps --no-binary llama-cpp-python``, unpacks the parts that build libllama,
 and compiles them with cmake and the system C/C++ compiler, CPU only (``GGML_NATIVE=OFF``: AVX2/FMA/F16C,
 no AVX-512/AMX, which die with SIGILL in some VMs), together with one small program,
 ``lqlr-llama-logits`` (``llamacpp_logits.cpp`` next to this file): the logits llama.cpp computes for
@@ -149,7 +149,9 @@ def _download(root: Path, log: Path) -> Path:
     sdist_dir = root / "sdist"
     name = f"{PACKAGE.replace('-', '_')}-{VERSION}.tar.gz"
     if not (sdist_dir / name).is_file():
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"{PACKAGE}=={VERSION}",
+        # --no-binary for this package only: pip prepares the sdist's metadata in an isolated build env, whose
+        # build requirements (scikit-build-core, cmake) must come as wheels, or pip compiles cmake from source
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PACKAGE, f"{PACKAGE}=={VERSION}",
               "-d", str(sdist_dir)], log, f"pip download {PACKAGE}=={VERSION}")
     if not (sdist_dir / name).is_file():
         raise LlamaCppError(f"pip download {PACKAGE}=={VERSION} wrote no {name} in {sdist_dir}; full log in {log}")
