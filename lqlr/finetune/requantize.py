@@ -171,8 +171,9 @@ def requantize_adapter(path: str | os.PathLike, adapter: str | os.PathLike, out:
     WikiText-2 validation split, the default training text). The manifest is rewritten last with new
     sha256s and a ``finetune`` record (``info``, the method and the mean/max errors); each module records
     its own. Returns that record."""
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
+
+    from lqlr.io.weights import read_tensors
 
     cfg = cfg or RequantizeConfig()
     src, out = Path(path), Path(out)
@@ -182,7 +183,7 @@ def requantize_adapter(path: str | os.PathLike, adapter: str | os.PathLike, out:
     trained_model = load(src, peft=True, adapter=adapter)
     trained = lora_factors(trained_model)
     model = load(src, verify=False)
-    state = load_file(str(src / BASE_FILE))
+    state = read_tensors(src / BASE_FILE)
     missing = sorted(set(manifest["modules"]) - set(trained))
     if missing:
         raise ValueError(f"{adapter} has no LoRA for {missing[0]} (+{len(missing) - 1} more): requantize needs the "

@@ -46,7 +46,7 @@ from lqlr.io.export import (
     read_manifest,
     save_compressed,
 )
-from lqlr.io.load import build_packed, check_packed
+from lqlr.io.load import build_packed, check_packed, own_weights, packed_keys, untouched_dtype
 from lqlr.nn.layer import set_kernel
 from lqlr.util.files import atomic_write
 
@@ -133,7 +133,13 @@ class LqlrHfQuantizer(HfQuantizer):
         build_packed(model, self.manifest)
         return model
 
+    def get_new_dtype(self, converter, param, dtype: torch.dtype | None) -> torch.dtype | None:
+        # no cast while transformers loads: its tensors stay views of its file mapping, unread;
+        # _process_model_after_weight_loading reads each once into the model's own memory, in its dtype
+        return None
+
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        own_weights(model, self.root / BASE_FILE, untouched_dtype(packed_keys(model, self.manifest), self.dtype))
         check_packed(model, self.manifest, self.root / BASE_FILE)
         for layer in qlr_modules(model).values():
             layer.compute_dtype = self.dtype

@@ -7,14 +7,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from lqlr.core.arch import set_module
 from lqlr.io.export import ADAPTER_DIR, BASE_FILE, IntegrityError, read_manifest
+from lqlr.io.weights import read_header, read_tensors
 from lqlr.nn.kernels import check_kernel
 from lqlr.nn.layer import QLRLinear, set_kernel
 from lqlr.nn.lora import zero_init_lora
@@ -63,6 +64,54 @@ def check_packed(model: torch.nn.Module, manifest: dict[str, Any], source: str |
                                      f"{tuple(want[key].shape)}: the file does not fit the manifest; re-export the model")
 
 
+def untouched_dtype(packed: set[str], dtype: torch.dtype) -> Callable[[str, torch.dtype], torch.dtype]:
+    """The dtype rule of an export's tensors: packed ones (codes, scales, factors) as stored, the
+    untouched floating ones (embeddings, norms; stored in 16 bits) in ``dtype``."""
+    return lambda key, stored: dtype if key not in packed and stored.is_floating_point else stored
+
+
+def own_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: Callable[[str, torch.dtype], torch.dtype]) -> None:
+    """Replace every parameter and buffer of ``model`` that ``path`` (a safetensors file) stores by a
+    fresh read of it in ``dtype(key, stored)`` (:func:`lqlr.io.weights.read_tensors`), tied tensors
+    staying tied; one already on an accelerator is converted there instead.
+
+    transformers' ``from_pretrained`` leaves the tensors as views of its memory mapping of the file,
+    each page read staying resident on top of any converted copy. The views are dropped first (so the
+    mapping goes), then each tensor is read once into memory the model owns: the peak is the model's
+    tensor bytes plus one staging chunk.
+    """
+    stored, _ = read_header(path)
+    places: dict[int, list[tuple[dict, str]]] = {}  # id(tensor) -> every (store, key) holding it (tied weights)
+    first: dict[int, tuple[str, torch.Tensor, bool]] = {}  # id(tensor) -> (its first key, the tensor, is a parameter)
+    for prefix, module in model.named_modules():
+        for store, is_param in ((module._parameters, True), (module._buffers, False)):
+            for key, tensor in store.items():
+                full = f"{prefix}.{key}" if prefix else key
+                if tensor is None or (id(tensor) not in first and full not in stored):
+                    continue
+                first.setdefault(id(tensor), (full, tensor, is_param))
+                places.setdefault(id(tensor), []).append((store, key))
+    fresh: dict[int, torch.Tensor] = {}
+    cpu: dict[str, tuple[int, bool, bool]] = {}  # first key -> (id, is a parameter, requires_grad)
+    for ident, (full, tensor, is_param) in first.items():
+        if tensor.device.type == "cpu":
+            cpu[full] = (ident, is_param, tensor.requires_grad)
+        else:  # on an accelerator (device_map): only the dtype changes, there
+            new = tensor.detach().to(dtype(full, tensor.dtype))
+            fresh[ident] = torch.nn.Parameter(new, requires_grad=tensor.requires_grad) if is_param else new
+    for ident, _, _ in cpu.values():  # let go of the mapped views before reading: no page of the mapping stays resident
+        for store, key in places[ident]:
+            store[key] = None
+    tensor = None  # the loop's last view: one alive keeps the whole mapping
+    first.clear()
+    for full, tensor in read_tensors(path, dtype=dtype, names=set(cpu)).items():
+        ident, is_param, requires_grad = cpu[full]
+        fresh[ident] = torch.nn.Parameter(tensor, requires_grad=requires_grad) if is_param else tensor
+    for ident, new in fresh.items():
+        for store, key in places[ident]:
+            store[key] = new
+
+
 def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, device: str | torch.device = "cpu",
          adapter: str | os.PathLike | None = None, kernel: str = "auto", lora_rank: int | None = None):
     """Load an export as a transformers model whose compressed linears are QLRLinear modules.
@@ -86,15 +135,12 @@ def load(path: str | os.PathLike, peft: bool = False, verify: bool = True, devic
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)
     with parameters_on_meta():  # no dense weights are ever allocated: memory ≈ the packed file
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    build_packed(model, manifest)
+    with torch.device("meta"):  # the packed buffers too: assigned from the file below
+        build_packed(model, manifest)
     packed = packed_keys(model, manifest)
-    try:
-        state = load_file(str(root / BASE_FILE))
-    except Exception as err:  # truncated or not a safetensors file (only reachable with verify=False)
-        raise IntegrityError(f"cannot read {root / BASE_FILE} ({type(err).__name__}): the file is truncated or corrupt; "
-                             "re-export or restore it") from err
-    # untouched tensors may be stored in 16 bits: compute in float32 like the source model
-    state = {k: v.float() if k not in packed and v.is_floating_point() else v for k, v in state.items()}
+    # read into owned memory (no file mapping stays resident); the untouched tensors may be stored in
+    # 16 bits: they compute in float32 like the source model, converted a chunk at a time
+    state = read_tensors(root / BASE_FILE, dtype=untouched_dtype(packed, torch.float32))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [k for k in missing if any(p.device.type == "meta" for n, p in model.named_parameters() if n == k)]
