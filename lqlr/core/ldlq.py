@@ -4,6 +4,11 @@ min_Q tr((T − Q) H (T − Q)ᵀ) over Q on the grid, greedily column by column
 is rounded, and its rounding error is pushed onto the columns not yet rounded through the
 upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U). Lazy block updates keep the work in matmuls.
 With H = None it is plain round-to-nearest.
+
+A vector grid (``grid.dim`` = d > 1, e.g. E8P's 8-column codewords) is rounded by block LDLQ, as
+QuIP# does: d consecutive columns at once onto their nearest codewords, the block's error E fed to
+the later columns as E U_bb⁻¹ U_b,rest (U_bb the d × d diagonal block of U). With H = I that is
+nearest-codeword rounding, and with d = 1 it is the scalar loop.
 """
 from __future__ import annotations
 
@@ -66,8 +71,10 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
     error-updated columns when LDLQ reaches a group's first column; with act-order they are
     fitted once up front on T (static groups), as the visiting order crosses groups.
     """
-    if grid.dim != 1:
-        raise NotImplementedError(f"LDLQ for vector grids (dim={grid.dim}) is not implemented yet")
+    d = grid.dim
+    if d > 1 and plan is not None and plan.perm is not None:
+        raise ValueError(f"act_order with a vector grid ({grid.kind}, {d} columns per codeword) is not supported: "
+                         "set act_order=false")
     T = T.to(torch.float32)
     if plan is None:
         qt = quantize_rtn(T, grid)
@@ -85,6 +92,10 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
         W = W[:, perm]
     U = plan.U
     block = aligned_block(block_size, g)
+    if d > 1 and (g % d or block % d):
+        block = aligned_block(-(-block_size // d) * d, g)
+        if g % d or block % d:
+            raise ValueError(f"grid {grid.kind} rounds {d} columns at once: its group size {g} must be a multiple of {d}")
 
     inv_d = (1.0 / torch.diagonal(U)).tolist()  # 1 / U_ii, as Python floats for the hot loop
     Wt = W.T.contiguous()  # (in, rows): column i of W is the contiguous row Wt[i]
@@ -97,7 +108,7 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
         W1 = Wt[i1:i2].clone()  # (b, rows) columns of this block, updated in place
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        for i in range(0, i2 - i1, d):
             col = i1 + i
             if static is not None:
                 p = static[group_of[col]]
@@ -106,11 +117,20 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
                 src = W1[i : i + g] if col + g <= i2 else Wt[col : col + g]
                 p = grid.fit(src.T)
                 fitted.append(p)
-            q = grid.round(W1[i][:, None], p)[:, 0]  # (rows,)
-            Qt[col] = q
-            err = W1[i].sub(q).mul_(inv_d[col])  # (rows,) rounding error scaled by 1 / U_ii
-            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # feed the error forward in-block
-            Err1[i] = err
+            if d == 1:
+                q = grid.round(W1[i][:, None], p)[:, 0]  # (rows,)
+                Qt[col] = q
+                err = W1[i].sub(q).mul_(inv_d[col])  # (rows,) rounding error scaled by 1 / U_ii
+                W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # feed the error forward in-block
+                Err1[i] = err
+            else:  # block LDLQ: d columns on one codeword per row, their error fed back through U_bb⁻¹
+                q = grid.round(W1[i : i + d].T, p).T  # (d, rows) nearest codewords
+                Qt[col : col + d] = q
+                Ubb = U1[i : i + d, i : i + d]
+                # Z = U_bb⁻ᵀ (W_b − Q_b)ᵀ: the block's error in the coordinates where it is independent
+                err = torch.linalg.solve_triangular(Ubb.T, W1[i : i + d] - q, upper=False)  # (d, rows)
+                W1[i + d :].addmm_(U1[i : i + d, i + d :].T, err, alpha=-1.0)  # feed it forward in-block
+                Err1[i : i + d] = err
         total += Err1.double().pow(2).sum()
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the columns after the block
 

@@ -1,0 +1,234 @@
+"""QuIP#'s E8P codebook as a Q grid: 8 weights per 16-bit codeword, 2 bits per weight.
+
+The E8 lattice is D8 ∪ (D8 + ½), D8 the integer vectors with an even sum. E8P takes its codewords
+from the half-integer coset shifted by ±¼: every codeword is ``y ± ¼·1`` with ``y`` in (ℤ + ½)⁸ of
+even coordinate sum (so ``y`` ∈ E8). A 16-bit index splits as
+
+* 8 bits: a *source* point ``a`` = |y|, one of 256 sign-free half-integer patterns — the 227 with
+  ‖a‖² ≤ 10, and 29 of ‖a‖² = 12 (:func:`source_points` says which);
+* 7 bits: the signs of y's first seven coordinates; the eighth sign is the one that gives y an even
+  sum (flipping a half-integer coordinate changes the sum's parity, so exactly one sign works);
+* 1 bit: the shift, +¼ or −¼.
+
+2⁸ · 2⁷ · 2 = 2¹⁶ codewords. The codebook is computed from this definition, never stored: its side
+information is 0 bits. A group of weights is ``scale · codeword`` with one fp16 scale per (row,
+group); with a group at least as wide as the row, one scale per row (16 bits per row).
+
+Nearest-codeword search is exact and structured (:func:`nearest`): for each shift and each source
+point the best signs are those of x (an even-sum violation costs flipping the coordinate with the
+smallest |x_i|·a_i), so one (n, 8) × (8, 256) product and a min replace the 2¹⁶-way comparison;
+``tests/test_e8p.py`` checks it against brute force over all 65,536 codewords.
+
+Codes are stored as eight 2-bit digits per codeword, one per weight (digit k = bits 2k..2k+1 of the
+index), so a Q on this grid packs at 2 bits per weight like any 2-bit scalar grid.
+"""
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import torch
+
+from lqlr.core.grids import Grid, GroupParams, fp16_round
+
+DIM = 8
+N_SOURCE = 256
+SHIFT = 0.25
+# codeword units per standard deviation of the data: the MSE-optimal constant for N(0, 1) entries
+# (1.02 → 0.09133, 1.035 → 0.0912, 1.05 → 0.09129 on 2·10⁵ 8-vectors; tests/test_e8p.py checks it is a minimum)
+UNIT_SCALE = 1.035
+
+
+@lru_cache(maxsize=None)
+def _source_points_cpu() -> torch.Tensor:
+    levels = (0.5, 1.5, 2.5, 3.5)
+    pats = torch.tensor(list(itertools.product(levels, repeat=DIM)), dtype=torch.float32)  # (4⁸, 8)
+    norm2 = pats.pow(2).sum(1)
+    inner = pats[norm2 <= 10]  # the 227 sign-free patterns of norm² ≤ 10
+    ring = pats[norm2 == 12]
+    extra = ring[_ring_choice(ring)]
+    points = torch.cat([inner, extra])
+    assert points.shape == (N_SOURCE, DIM), points.shape
+    return points
+
+
+def _ring_choice(ring: torch.Tensor) -> torch.Tensor:
+    """Which 29 of the 224 norm²-12 patterns complete the 256 sources: 29 of the 56 made of five 1.5s
+    and three 0.5s — every other one in lexicographic order, and the second — as the other kind
+    (2.5, 1.5, 1.5, 0.5⁵) lowers the Gaussian MSE less (0.09117 against 0.09102 on 10⁵ N(0, 1)
+    8-vectors; any 29 of the 56 give 0.0910–0.0912)."""
+    idx = torch.nonzero((ring == 1.5).sum(1) == 5).flatten()  # the 56, lexicographic
+    return torch.cat([idx[::2], idx[1:2]])
+
+
+def source_points(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 256 sign-free source points a (256, 8), half-integers in [0.5, 3.5]."""
+    return _source_points_cpu().to(device)
+
+
+def _parity(points: torch.Tensor) -> torch.Tensor:
+    """Number of negative signs a codeword of each source needs, mod 2: sum(a) mod 2 (an integer)."""
+    return points.sum(1).round().remainder(2).to(torch.int64)
+
+
+def decode_index(index: torch.Tensor) -> torch.Tensor:
+    """Codewords (..., 8) float32 of 16-bit indices (..., ) int64: source << 8 | signs << 1 | shift."""
+    index = index.to(torch.int64)
+    points = source_points(index.device)
+    src = (index >> 8) & 0xFF
+    a = points[src]  # (..., 8)
+    bits = (index[..., None] >> (1 + torch.arange(7, device=index.device))) & 1  # (..., 7) first seven signs
+    last = (bits.sum(-1) + _parity(points)[src]) & 1  # the eighth sign: makes the count of negatives ≡ sum(a)
+    neg = torch.cat([bits, last[..., None]], dim=-1)
+    y = a * (1 - 2 * neg).to(a.dtype)
+    shift = torch.where((index & 1).bool(), SHIFT, -SHIFT).to(a.dtype)
+    return y + shift[..., None]
+
+
+def all_codewords(device: torch.device | str | None = None) -> torch.Tensor:
+    """The whole codebook (65536, 8), row i the codeword of index i (for tests and brute force)."""
+    return decode_index(torch.arange(1 << 16, device=device))
+
+
+def nearest(x: torch.Tensor, chunk: int = 8192, shortlist: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest codeword of each row of x (n, 8): its 16-bit index (n,) int64 and value (n, 8).
+
+    min over (shift, source a, signs) of ‖x − (τ⊙a ± ¼)‖²: for a given shift z = x ∓ ¼, the best τ is
+    sign(z) when its count of negatives has the parity a needs, else sign(z) with the coordinate of
+    least |z_i|·a_i flipped; the distance is ‖z‖² − 2·(Σ|z_i| a_i − [flip]·2 min_i |z_i| a_i) + ‖a‖².
+    The flip term only raises the distance, so it is computed for the ``shortlist`` sources of least
+    ‖z‖² − 2 Σ|z_i| a_i + ‖a‖² (a lower bound); a row whose best exact distance is above the bound of
+    the first source left out is searched over all 256 (exactness does not depend on ``shortlist``).
+    """
+    x = x.to(torch.float32)
+    n = x.shape[0]
+    points = source_points(x.device)  # (256, 8)
+    parity = _parity(points)  # (256,)
+    a2 = points.pow(2).sum(1)  # (256,)
+    index = torch.empty(n, dtype=torch.int64, device=x.device)
+    weights = (1 << (1 + torch.arange(7, device=x.device))).to(torch.int64)  # sign bit k at bit k + 1
+    for i in range(0, n, chunk):
+        xs = x[i: i + chunk]
+        best_d = best_idx = None
+        for shift_bit, s in ((1, SHIFT), (0, -SHIFT)):
+            d_min, src, signs = _nearest_shifted(xs - s, points, parity, a2, shortlist)
+            idx = (src << 8) | ((signs[:, :7].to(torch.int64) * weights).sum(1)) | shift_bit
+            if best_d is None:
+                best_d, best_idx = d_min, idx
+            else:
+                take = d_min < best_d
+                best_d = torch.where(take, d_min, best_d)
+                best_idx = torch.where(take, idx, best_idx)
+        index[i: i + chunk] = best_idx
+    return index, decode_index(index)
+
+
+def _nearest_shifted(z: torch.Tensor, points: torch.Tensor, parity: torch.Tensor, a2: torch.Tensor,
+                     shortlist: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest signed source point τ⊙a of each row of z (m, 8): distance (m,), source (m,), negative
+    signs (m, 8) bool."""
+    mag = z.abs()
+    neg = z < 0  # (m, 8) the signs of z
+    bound = z.pow(2).sum(1, keepdim=True) - 2 * (mag @ points.T) + a2[None]  # (m, 256) exact unless a flip is due
+    flip_due = (neg.sum(1, keepdim=True) % 2) != parity[None]  # (m, 256) the parity of sign(z) is wrong for a
+    k = min(shortlist, points.shape[0] - 1)
+    lower, cand = bound.topk(k + 1, dim=1, largest=False)  # (m, k + 1) ascending
+    cand = cand[:, :k]
+    d, due, at = _exact(mag, cand, points, bound, flip_due)
+    d_min, j = d.min(1)
+    src, flip, flip_at = (t.gather(1, j[:, None])[:, 0] for t in (cand, due, at))
+    unsure = torch.nonzero(d_min > lower[:, k]).flatten()  # a source left out might be nearer: search all
+    if unsure.numel():
+        every = torch.arange(points.shape[0], device=z.device).expand(unsure.numel(), -1)
+        d, due, at = _exact(mag[unsure], every, points, bound[unsure], flip_due[unsure])
+        d_min[unsure], jj = d.min(1)
+        src[unsure] = jj
+        flip[unsure], flip_at[unsure] = (t.gather(1, jj[:, None])[:, 0] for t in (due, at))
+    signs = neg.clone()
+    rows = torch.nonzero(flip).flatten()
+    signs[rows, flip_at[rows]] = ~signs[rows, flip_at[rows]]
+    return d_min, src, signs
+
+
+def _exact(mag: torch.Tensor, cand: torch.Tensor, points: torch.Tensor, bound: torch.Tensor,
+           flip_due: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact distances (m, c) of candidate sources ``cand`` (m, c), whether each needs its flip (m, c)
+    and where (m, c): the flip costs 4·min_i |z_i| a_i over the lower bound."""
+    least, at = (mag[:, None, :] * points[cand]).min(-1)  # (m, c) min_i |z_i| a_i
+    due = flip_due.gather(1, cand)
+    return bound.gather(1, cand) + 4 * least * due, due, at
+
+
+def index_to_digits(index: torch.Tensor) -> torch.Tensor:
+    """16-bit indices (..., ) -> eight 2-bit digits (..., 8) uint8, digit k = bits 2k, 2k+1."""
+    shifts = 2 * torch.arange(DIM, device=index.device)
+    return ((index.to(torch.int64)[..., None] >> shifts) & 3).to(torch.uint8)
+
+
+def digits_to_index(digits: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`index_to_digits`: (..., 8) uint8 digits -> (..., ) int64 indices."""
+    shifts = 2 * torch.arange(DIM, device=digits.device)
+    return (digits.to(torch.int64) << shifts).sum(-1)
+
+
+class E8PGrid(Grid):
+    """Q on the E8P codebook: each row's group of g columns (g a multiple of 8) is its fp16 scale
+    times g/8 codewords; codes are the codewords' 2-bit digits (2 bits per weight)."""
+
+    kind = "e8p"
+    dim = DIM
+    # fit: scale candidates rms / UNIT_SCALE · f for f in linspace(SHRINK, WIDEN, CANDIDATES), the
+    # per-row one of least squared error kept
+    CANDIDATES = 5
+    SHRINK = 0.85
+    WIDEN = 1.15
+
+    def __init__(self, bits: int = 2, group_size: int = 4096) -> None:
+        if int(bits) != 2:
+            raise ValueError(f"grid='e8p' codes 2 bits per weight, got bits={bits}")
+        if int(group_size) % DIM:
+            raise ValueError(f"grid='e8p' encodes {DIM} weights at once: group_size must be a multiple of {DIM}, "
+                             f"got {group_size}")
+        super().__init__(2, group_size)
+
+    @property
+    def overhead_bits(self) -> int:
+        return 16  # the fp16 scale
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        rows, g = x.shape
+        if g % DIM:
+            raise ValueError(f"an E8P group has a multiple of {DIM} columns, got {g}: the matrix's input width "
+                             f"must be a multiple of {DIM}")
+        return x.reshape(rows * (g // DIM), DIM)
+
+    def fit(self, x: torch.Tensor) -> GroupParams:
+        """Per-row scale s: min over candidates around rms(x)/UNIT_SCALE of ‖x − s·nearest(x/s)‖²."""
+        x = x.to(torch.float32)
+        rows, g = x.shape
+        rms = x.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)  # (rows, 1)
+        best_s, best_e = None, None
+        for f in torch.linspace(self.SHRINK, self.WIDEN, self.CANDIDATES).tolist():
+            s = fp16_round(rms / UNIT_SCALE * f).clamp_min(6.2e-5)  # what is stored
+            q = nearest(self._split(x / s))[1].reshape(rows, g) * s
+            e = (x - q).pow(2).sum(1, keepdim=True)
+            if best_s is None:
+                best_s, best_e = s, e
+            else:
+                take = e < best_e
+                best_s, best_e = torch.where(take, s, best_s), torch.where(take, e, best_e)
+        return GroupParams(scale=best_s)
+
+    def encode(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        rows, g = x.shape
+        index = nearest(self._split(x.to(torch.float32) / p.scale))[0]
+        return index_to_digits(index).reshape(rows, g)
+
+    def decode(self, codes: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        rows, g = codes.shape
+        index = digits_to_index(self._split(codes))
+        return decode_index(index).reshape(rows, g) * p.scale
+
+    def round(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        rows, g = x.shape
+        return nearest(self._split(x.to(torch.float32) / p.scale))[1].reshape(rows, g) * p.scale
