@@ -20,7 +20,10 @@ GRIDS = ("uniform", "nf")  # grids of Q, L and R
 GGUF_BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "iq4_nl": 4}
 GGUF_BLOCK = 32
 GGUF_GRIDS = tuple(GGUF_BITS)
-Q_GRIDS = GRIDS + GGUF_GRIDS  # Q may also take a llama.cpp block format (bq, group_size fixed by it)
+# vector codebooks of Q (lqlr.core.e8p): QuIP#'s E8P, 8 weights per 16-bit codeword, bits per weight it supports
+CODEBOOK_BITS = {"e8p": (2,)}
+CODEBOOK_DIM = 8
+Q_GRIDS = GRIDS + GGUF_GRIDS + tuple(CODEBOOK_BITS)  # Q may also take a llama.cpp block format or a codebook
 
 
 def fixed_values_error(kind: str, bits: int | None, group_size: int | None, bits_name: str = "bits") -> str | None:
@@ -91,6 +94,12 @@ class QLRConfig:
         if self.grid in GGUF_GRIDS:
             message = fixed_values_error(self.grid, self.bq, self.group_size, bits_name="bq")
             _check(message is None, message or "")
+        if self.grid in CODEBOOK_BITS:
+            _check(self.bq in CODEBOOK_BITS[self.grid],
+                   f"grid={self.grid!r} codes {CODEBOOK_BITS[self.grid]} bits per weight: set bq to one of them (got bq={self.bq})")
+            _check(self.group_size % CODEBOOK_DIM == 0,
+                   f"grid={self.grid!r} encodes {CODEBOOK_DIM} weights at once: group_size must be a multiple of "
+                   f"{CODEBOOK_DIM} (got {self.group_size}; a group at least as wide as the row means one scale per row)")
         _check(self.factor_grid in GRIDS, f"factor_grid={self.factor_grid!r}: choose one of {GRIDS}")
         _check(self.order in ORDERS, f"order={self.order!r}: choose one of {ORDERS}")
         _check(self.svd in SVD_METHODS, f"svd={self.svd!r}: choose one of {SVD_METHODS}")
@@ -101,6 +110,22 @@ class QLRConfig:
         _check(self.grid != "nf" or self.bq <= 4, f"grid='nf' supports bq 2-4, got bq={self.bq}")
         _check(self.factor_grid != "nf" or self.rank == 0 or all(b <= 4 or b == FLOAT_BITS for b in (self.bl, self.br)),
                f"factor_grid='nf' supports 2-4 bits, got bl={self.bl}, br={self.br}")
+
+    def q_bits_allowed(self) -> tuple[int, ...]:
+        """The BQ values this config's grid can code, highest first (a GGUF type or a codebook fixes them)."""
+        if self.grid in GGUF_GRIDS:
+            return (GGUF_BITS[self.grid],)
+        if self.grid in CODEBOOK_BITS:
+            return tuple(sorted(CODEBOOK_BITS[self.grid], reverse=True))
+        return tuple(range(4 if self.grid == "nf" else 8, 1, -1))
+
+    def for_matrix(self, out_features: int, in_features: int) -> "QLRConfig":
+        """This config as an (out × in) matrix can take it: a codebook grid needs the input width to be a
+        multiple of its dimension (8 for E8P), so a narrower-stepped matrix (stories260K's 172-wide
+        down_proj) falls back to the uniform grid at the same BQ and group size."""
+        if self.grid in CODEBOOK_BITS and in_features % CODEBOOK_DIM:
+            return replace(self, grid="uniform")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (stored in manifests and result files)."""
@@ -138,6 +163,7 @@ class Menu:
     def options(self, base: QLRConfig, out_features: int, in_features: int) -> list[QLRConfig]:
         """Distinct valid configurations for an (out × in) matrix, built on ``base`` (grids, incoherence…)."""
         seen, out = set(), []
+        base = base.for_matrix(out_features, in_features)
         rotations = [bool(r) for r in self.incoherence] if self.incoherence is not None else [base.incoherence]
         for bq, k, g, fb, rot in itertools.product(self.bq, self.rank, self.group_size, self.factor_bits, rotations):
             k = min(k, out_features, in_features)
@@ -145,7 +171,8 @@ class Menu:
             if base.grid in GGUF_GRIDS:  # the format fixes BQ and the group: options differ in rank only
                 bq, g = base.bq, base.group_size
             key = (bq, k, g, fb if k else None, rot)
-            if key in seen or (base.grid == "nf" and bq > 4):
+            if key in seen or (base.grid == "nf" and bq > 4) or (base.grid in CODEBOOK_BITS and (
+                    bq not in CODEBOOK_BITS[base.grid] or g % CODEBOOK_DIM)):
                 continue
             seen.add(key)
             out.append(replace(base, bq=bq, rank=k, group_size=g, bl=fb, br=fb, iters=self.iters if k else 1,

@@ -167,3 +167,49 @@ def test_block_ldlq_with_identity_is_nearest_and_helps_under_anisotropic_h() -> 
     assert err(ldlq_round(W, ldlq_plan(Hd), grid).Q) < 0.8 * err(quantize_rtn(W, grid).dequantize())
     with pytest.raises(ValueError, match="act_order"):
         ldlq_round(W, ldlq_plan(Hd, act_order=True), grid)
+
+
+def test_config_and_budget_with_the_codebook() -> None:
+    from lqlr.budget.fit import fit_to_budget
+    from lqlr.config import QLRConfig
+    from lqlr.core.bits import bits_per_param
+
+    with pytest.raises(ValueError, match="bq"):
+        QLRConfig(grid="e8p", bq=3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        QLRConfig(grid="e8p", bq=2, group_size=36)
+    cfg = QLRConfig(grid="e8p", bq=2, group_size=64, rank=8)
+    assert cfg.for_matrix(64, 172).grid == "uniform" and cfg.for_matrix(64, 176).grid == "e8p"
+    # a uniform budget keeps BQ = 2 (the codebook's only one) and fits the rank: hand count of the bits
+    fit = fit_to_budget(cfg, 576, 1536, 2.5)  # Q alone: 2 + 16/64 = 2.25 bits
+    assert fit.grid == "e8p" and fit.bq == 2 and fit.rank > 0
+    assert bits_per_param(576, 1536, fit) <= 2.5 < bits_per_param(576, 1536, QLRConfig(**{**fit.to_dict(), "rank": fit.rank + 1}))
+    q_only = fit_to_budget(QLRConfig(grid="e8p", bq=2, group_size=4096, rank=0), 1024, 1024, 2.1)
+    assert q_only.bq == 2 and bits_per_param(1024, 1024, q_only) == 2 + 16 / 1024
+
+
+def test_e8p_through_the_pipeline(tmp_path) -> None:
+    """compress (E8P Q + 4-bit L, R; the 172-wide down_proj falls back to the uniform grid), export,
+    from_pretrained = lqlr.load, and the stock PEFT adapter on the packed base."""
+    import json
+
+    import lqlr
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "e8"
+    cfg = lqlr.CompressConfig(qlr=lqlr.QLRConfig(grid="e8p", bq=2, rank=4, group_size=64, iters=1, incoherence=True),
+                              calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=64))
+    lqlr.compress("stories260k", cfg, output_dir=out, progress=False)
+    specs = {n: e["spec"]["q"]["kind"] for n, e in json.loads((out / "manifest.json").read_text())["modules"].items()}
+    assert specs["model.layers.0.self_attn.q_proj"] == "e8p" and specs["model.layers.0.mlp.down_proj"] == "uniform"
+    ids = torch.arange(1, 33)[None]
+    a, b = AutoModelForCausalLM.from_pretrained(out), lqlr.load(out)
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    assert torch.equal(la, lb)
+    q = b.model.layers[0].self_attn.q_proj
+    assert q.q_codes.numel() == q.out_features * q.in_features * 2 // 8  # 2 bits per weight, packed
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), str(out / "adapter"))
+    with torch.no_grad():
+        assert torch.allclose(peft(ids).logits, lb, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lqlr.config import QLRConfig
+from lqlr.config import CODEBOOK_BITS, CODEBOOK_DIM, GGUF_GRIDS, QLRConfig
 from lqlr.core.bits import bits_per_param
 
 GROUP_FALLBACKS = (64, 128, 256)
@@ -33,24 +33,31 @@ def fit_to_budget(cfg: QLRConfig, out_features: int, in_features: int, bits: flo
     """
     if mode not in FIT_MODES:
         raise ValueError(f"budget fit mode {mode!r}: choose one of {FIT_MODES}")
-    max_bq = 4 if cfg.grid == "nf" else 8
+    cfg = cfg.for_matrix(out_features, in_features)
+    allowed = cfg.q_bits_allowed()  # highest first; one value for a GGUF type or a codebook
+    fixed_group = cfg.grid in GGUF_GRIDS  # the format fixes the group too
     if cfg.rank == 0 and mode == "nearest":
-        cands = [replace(cfg, bq=bq, group_size=g) for bq in range(2, max_bq + 1) for g in Q_ONLY_GROUPS]
+        groups = (cfg.group_size,) if fixed_group else Q_ONLY_GROUPS
+        cands = [replace(cfg, bq=bq, group_size=g) for bq in allowed for g in groups
+                 if cfg.grid not in CODEBOOK_BITS or g % CODEBOOK_DIM == 0]
         return min(cands, key=lambda c: (abs(bits_per_param(out_features, in_features, c) - bits),
                                          bits_per_param(out_features, in_features, c)))
     if cfg.rank == 0:
-        for bq in range(max_bq, 1, -1):
+        for bq in allowed:
             cand = replace(cfg, bq=bq)
             if bits_per_param(out_features, in_features, cand) <= bits:
                 return cand
+        cheapest = replace(cfg, bq=allowed[-1])
         raise InfeasibleBudgetError(
-            f"budget {bits} bits/param is below {bits_per_param(out_features, in_features, replace(cfg, bq=2)):.3f}, "
-            f"the cheapest Q-only setting (2 bits, group {cfg.group_size}): raise budget.bits or the group size")
-    for bq in range(cfg.bq, 1, -1):  # Q + L·R: keep the method's BQ unless Q alone cannot fit
+            f"budget {bits} bits/param is below {bits_per_param(out_features, in_features, cheapest):.3f}, "
+            f"the cheapest Q-only setting ({allowed[-1]} bits on grid {cfg.grid}, group {cfg.group_size}): raise "
+            "budget.bits or the group size")
+    tries = [bq for bq in allowed if bq <= cfg.bq] or [cfg.bq]
+    for bq in tries:  # Q + L·R: keep the method's BQ unless Q alone cannot fit
         try:
             return _fit_rank(replace(cfg, bq=bq), out_features, in_features, bits)
         except InfeasibleBudgetError:
-            if bq == 2:
+            if bq == tries[-1]:
                 raise
     raise AssertionError("unreachable")
 
@@ -58,7 +65,8 @@ def fit_to_budget(cfg: QLRConfig, out_features: int, in_features: int, bits: flo
 def _fit_rank(cfg: QLRConfig, out_features: int, in_features: int, bits: float) -> QLRConfig:
     """Largest rank k (and the smallest group size ≥ the method's that lets Q fit) with bits ≤ ``bits``."""
     base = replace(cfg, rank=0)
-    for g in sorted({cfg.group_size, *[x for x in GROUP_FALLBACKS if x > cfg.group_size]}):
+    fallbacks = () if cfg.grid in GGUF_GRIDS else [x for x in GROUP_FALLBACKS if x > cfg.group_size]  # a GGUF type fixes it
+    for g in sorted({cfg.group_size, *fallbacks}):
         if bits_per_param(out_features, in_features, replace(base, group_size=g)) <= bits:
             base = replace(base, group_size=g)
             break

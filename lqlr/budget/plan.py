@@ -38,7 +38,8 @@ class Plan:
         head) takes the method fitted to a uniform budget, or the method as is."""
         if name not in self.configs:
             uniform = self.budget.bits is not None and self.budget.mode == "uniform"
-            self.configs[name] = fit_to_budget(self.base, *shape, self.budget.bits, self.budget.fit) if uniform else self.base
+            self.configs[name] = (fit_to_budget(self.base, *shape, self.budget.bits, self.budget.fit) if uniform
+                                  else self.base.for_matrix(*shape))
             self.source[name] = "budget" if uniform else "method"
         return self.configs[name]
 

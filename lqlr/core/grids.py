@@ -8,10 +8,8 @@ back. Its parameters are fitted per row and per group of ``group_size`` input co
 * :class:`NormalFloatGrid` — NF2/NF3/NF4 (QLoRA): ``x ≈ level[c]·s``, levels at quantiles of
   N(0, 1) scaled to [−1, 1] with an exact zero, ``s`` the group's fp16 absmax.
 * llama.cpp's block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (:mod:`lqlr.core.gguf_grids`).
-
-Grids are scalar (``dim = 1``); a vector or lattice codebook would set ``dim`` to its
-dimension and encode ``dim`` consecutive columns at once — the column loop in
-:mod:`lqlr.q_step` steps by ``grid.dim``.
+* QuIP#'s E8P lattice codebook (:mod:`lqlr.core.e8p`): ``dim = 8`` consecutive columns per
+  codeword; LDLQ (:mod:`lqlr.core.ldlq`) rounds such grids ``dim`` columns at a time.
 
 Storage is ``bits`` per weight plus ``overhead_bits`` per (row, group), the one formula
 b + b₀/B₀ of docs/design.md §3.
@@ -187,7 +185,11 @@ def make_grid(kind: str, bits: int, group_size: int, clip_search: bool = True) -
         return NormalFloatGrid(bits, group_size)
     if kind in GGUF_GRIDS:
         return GGUF_GRIDS[kind](bits, group_size)
-    raise ValueError(f"unknown grid {kind!r}: choose 'uniform', 'nf' or one of {', '.join(map(repr, GGUF_GRIDS))}")
+    if kind == "e8p":
+        from lqlr.core.e8p import E8PGrid
+
+        return E8PGrid(bits, group_size)
+    raise ValueError(f"unknown grid {kind!r}: choose 'uniform', 'nf', 'e8p' or one of {', '.join(map(repr, GGUF_GRIDS))}")
 
 
 def n_groups(cols: int, group_size: int) -> int:

@@ -206,7 +206,7 @@ def _moved(obj, device: torch.device):
 
 
 def _config(plan: Plan | None, name: str, shape, cfg: CompressConfig) -> QLRConfig:
-    return plan.resolve(name, tuple(shape)) if plan is not None else cfg.qlr
+    return plan.resolve(name, tuple(shape)) if plan is not None else cfg.qlr.for_matrix(*shape)
 
 
 def _job(name: str, module: nn.Module, hessian: tuple[torch.Tensor, int], qcfg: QLRConfig, use_hessian: bool) -> MatrixJob:
