@@ -16,9 +16,12 @@ from typing import Any, Optional
 from lqlr.util.devices import check_device
 
 GRIDS = ("uniform", "nf")  # grids of Q, L and R
-# llama.cpp's 32-weight block formats and their code bits (lqlr.core.gguf_grids implements them)
-GGUF_BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "iq4_nl": 4}
+# llama.cpp's block formats and their code bits (lqlr.core.gguf_grids implements them): the 32-weight blocks
+# and the k-quants' 256-weight super-blocks; GGUF_BLOCKS[kind] is the format's group_size
+GGUF_BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "iq4_nl": 4, "q4_k": 4, "q5_k": 5, "q6_k": 6}
 GGUF_BLOCK = 32
+GGUF_SUPER_BLOCK = 256
+GGUF_BLOCKS = {k: GGUF_SUPER_BLOCK if k.endswith("_k") else GGUF_BLOCK for k in GGUF_BITS}
 GGUF_GRIDS = tuple(GGUF_BITS)
 # vector codebooks of Q (lqlr.core.e8p): QuIP#'s E8P, 8 weights per 16-bit codeword, bits per weight it supports
 CODEBOOK_BITS = {"e8p": (2,)}
@@ -29,10 +32,10 @@ Q_GRIDS = GRIDS + GGUF_GRIDS + tuple(CODEBOOK_BITS)  # Q may also take a llama.c
 def fixed_values_error(kind: str, bits: int | None, group_size: int | None, bits_name: str = "bits") -> str | None:
     """The one-line error for ``bits``/``group_size`` that disagree with GGUF type ``kind`` (None
     when they agree or are not given); ``bits_name`` names the bits argument (``bq`` in a config)."""
-    bits_fixed = GGUF_BITS[kind]
-    if (bits is not None and int(bits) != bits_fixed) or (group_size is not None and int(group_size) != GGUF_BLOCK):
-        return (f"grid={kind!r} is a fixed GGUF format of {bits_fixed}-bit codes in blocks of {GGUF_BLOCK}: set "
-                f"{bits_name}={bits_fixed}, group_size={GGUF_BLOCK} (got {bits_name}={bits}, group_size={group_size})")
+    bits_fixed, block = GGUF_BITS[kind], GGUF_BLOCKS[kind]
+    if (bits is not None and int(bits) != bits_fixed) or (group_size is not None and int(group_size) != block):
+        return (f"grid={kind!r} is a fixed GGUF format of {bits_fixed}-bit codes in blocks of {block}: set "
+                f"{bits_name}={bits_fixed}, group_size={block} (got {bits_name}={bits}, group_size={group_size})")
     return None
 
 ORDERS = ("lr_first", "q_first")
@@ -62,8 +65,9 @@ class QLRConfig:
     group_size: int = 64
     iters: int = 20
     seed: int = 0
-    grid: str = "uniform"  # grid of Q: "uniform" (asymmetric, scale + zero), "nf" (NormalFloat) or a GGUF type
+    grid: str = "uniform"  # grid of Q: "uniform" (asymmetric, scale + zero), "nf" (NormalFloat), "e8p" or a GGUF type
     factor_grid: str = "uniform"  # grid of L and R when bl/br < 16
+    factor_group_size: Optional[int] = None  # groups of L and R (null: group_size); e.g. 64 beside a per-row E8P Q
     lr_iters: int = 3  # inner alternations of the low-bit L, R fit (stops early when it stalls)
     order: str = "lr_first"  # each outer iteration: LR step then Q step, or Q step then LR step
     act_order: bool = False  # LDLQ visits input columns by decreasing diag(H)
@@ -94,6 +98,9 @@ class QLRConfig:
         if self.grid in GGUF_GRIDS:
             message = fixed_values_error(self.grid, self.bq, self.group_size, bits_name="bq")
             _check(message is None, message or "")
+            _check(GGUF_BLOCKS[self.grid] == GGUF_BLOCK or not (self.act_order or self.q2n),
+                   f"grid={self.grid!r} (a k-quant: sub-block scales inside each super-block) does not support "
+                   f"act_order or q2n yet: set act_order=false, q2n=false (got act_order={self.act_order}, q2n={self.q2n})")
         if self.grid in CODEBOOK_BITS:
             _check(self.bq in CODEBOOK_BITS[self.grid],
                    f"grid={self.grid!r} codes {CODEBOOK_BITS[self.grid]} bits per weight: set bq to one of them (got bq={self.bq})")
@@ -101,6 +108,8 @@ class QLRConfig:
                    f"grid={self.grid!r} encodes {CODEBOOK_DIM} weights at once: group_size must be a multiple of "
                    f"{CODEBOOK_DIM} (got {self.group_size}; a group at least as wide as the row means one scale per row)")
         _check(self.factor_grid in GRIDS, f"factor_grid={self.factor_grid!r}: choose one of {GRIDS}")
+        _check(self.factor_group_size is None or (isinstance(self.factor_group_size, int) and self.factor_group_size >= 1),
+               f"factor_group_size={self.factor_group_size!r}: a positive integer such as 64, or null for group_size")
         _check(self.order in ORDERS, f"order={self.order!r}: choose one of {ORDERS}")
         _check(self.svd in SVD_METHODS, f"svd={self.svd!r}: choose one of {SVD_METHODS}")
         _check(isinstance(self.block_size, int) and self.block_size >= 1,
@@ -110,6 +119,11 @@ class QLRConfig:
         _check(self.grid != "nf" or self.bq <= 4, f"grid='nf' supports bq 2-4, got bq={self.bq}")
         _check(self.factor_grid != "nf" or self.rank == 0 or all(b <= 4 or b == FLOAT_BITS for b in (self.bl, self.br)),
                f"factor_grid='nf' supports 2-4 bits, got bl={self.bl}, br={self.br}")
+
+    @property
+    def factor_groups(self) -> int:
+        """The group size of L's and R's grids: ``factor_group_size``, or ``group_size`` when it is null."""
+        return self.factor_group_size or self.group_size
 
     def q_bits_allowed(self) -> tuple[int, ...]:
         """The BQ values this config's grid can code, highest first (a GGUF type or a codebook fixes them)."""

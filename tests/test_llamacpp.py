@@ -146,7 +146,7 @@ def _export(model, out: Path, tokenizer, untouched: str = "float16", **qlr) -> P
     """``model`` compressed in place (Q on a GGUF grid, no rotation; one outer iteration: the test is about
     the files, not the fit) and exported to ``out``."""
     calib = torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(0))
-    cfg = CompressConfig(qlr=lqlr.QLRConfig(iters=1, lr_iters=1, incoherence=False, group_size=32, **qlr))
+    cfg = CompressConfig(qlr=lqlr.QLRConfig(iters=1, lr_iters=1, incoherence=False, **{"group_size": 32, **qlr}))
     reports = compress_model(model, calib, cfg, progress=False)
     return save_compressed(model, out, source={"model": out.name}, reports=reports, tokenizer=tokenizer,
                            untouched_dtype=untouched)
@@ -303,11 +303,15 @@ def test_stories260k_with_fallback_logits_match(stories, story):
         assert f["kl_mean"] <= KL and f["top1"] >= shipped["top1"] - 2 / f["positions"], (name, f)
 
 
+K_MODEL = dict(hidden=256, ffn=512, layers=2, heads=4, kv_heads=2, ctx=128)
 RANDOM = {  # name -> (model kwargs, export kwargs)
     "tiny untied f32 q4_1": (dict(ffn=128, layers=2, heads=4, kv_heads=2, ctx=128, eps=1e-6, theta=50000.0, tie=False),
                              dict(untouched="float32", grid="q4_1", bq=4, rank=8)),
     "random stories260K-sized q5_0": ({}, dict(grid="q5_0", bq=5, rank=8)),
     "tiny iq4_nl rank 0": (dict(ffn=128, layers=2, heads=4, kv_heads=2, ctx=128), dict(grid="iq4_nl", bq=4, rank=0)),
+    # the k-quants' super-blocks need rows of 256: hidden 256, 4 heads of 64, GQA 2, FFN 512
+    **{f"256-wide {grid}": (K_MODEL, dict(grid=grid, bq=bq, group_size=256, rank=rank))
+       for grid, bq, rank in (("q4_k", 4, 8), ("q5_k", 5, 8), ("q6_k", 6, 0))},
 }
 
 

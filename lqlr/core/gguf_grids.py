@@ -23,6 +23,9 @@ block (nibble order, Q5's high-bit word) lives in :mod:`lqlr.io.gguf`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from lqlr.config import GGUF_BITS, GGUF_BLOCK, fixed_values_error
@@ -43,6 +46,7 @@ class GGUFGrid(Grid):
     ``bits`` and ``group_size`` arguments are checked against the format's fixed values.
     """
 
+    group_block = BLOCK  # weights per ggml block (the group)
     bits_fixed: int = 0
     levels: tuple[int, ...] = ()
     code_min: int = 0
@@ -252,6 +256,343 @@ class IQ4_NLGrid(GGUFGrid):
     uniform = False
 
 
-GGUF_GRIDS: dict[str, type[GGUFGrid]] = {g.kind: g for g in (Q4_0Grid, Q4_1Grid, Q5_0Grid, Q5_1Grid, Q8_0Grid, IQ4_NLGrid)}
+GGUF_GRIDS: dict[str, type[Grid]] = {g.kind: g for g in (Q4_0Grid, Q4_1Grid, Q5_0Grid, Q5_1Grid, Q8_0Grid, IQ4_NLGrid)}
+
+
+
+# ----- k-quants: super-blocks of 256 weights ---------------------------------------------------
+QK_K = 256  # weights per k-quant super-block (ggml's QK_K)
+GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a sub-block whose absmax is below this is all zero
+
+
+@dataclass
+class SuperBlockParams(GroupParams):
+    """A k-quant super-block's stored values: ``scale`` (rows, 1 + n_sub) = [d, sc_0, …] (fp16 d, then the
+    integer sub-block scale codes), ``zero`` (rows, 1 + n_sub) = [dmin, m_0, …] or None (Q6_K).
+
+    ``width`` is the number of columns :meth:`KQuantGrid.fit` saw; ``col`` is a cursor for LDLQ, which rounds a
+    group one column at a time with the same parameters: :meth:`KQuantGrid.round` of a slice narrower than
+    ``width`` takes the next columns of the super-block (so the columns must come in order, as LDLQ without
+    act-order visits them)."""
+
+    width: int = QK_K
+    col: int = 0
+
+
+class KQuantGrid(Grid):
+    """A ggml k-quant: a super-block of 256 weights (one group), n_sub sub-blocks of ``sub`` weights.
+
+    Sub-block j has the effective scale s_j = d·sc_j (fp16 d, integer code sc_j) and, for the affine types,
+    the effective min μ_j = dmin·m_j; a weight with level q decodes as s_j·q − μ_j (Q4_K, Q5_K: q = c ∈
+    [0, 2^b − 1], sc_j, m_j 6-bit) or s_j·q (Q6_K: q = c − 32, sc_j int8), the float32 arithmetic of ggml's
+    ``dequantize_row_q*_K`` (every product there is exact in float32, so its order or an FMA cannot change it).
+
+    Fitting (min Σ (x − x̂)² per super-block, x̂ decoded from the stored values): sub-block targets (s_j, μ_j)
+    from llama.cpp's reference search (``make_qkx2_quants`` with its weights, or ``make_qx_quants``) and from
+    the same search unweighted; d (and dmin) from the largest target (llama.cpp's choice) and a few smaller
+    ones, the codes sc_j, m_j rounded (llama.cpp's ``nearest_int(63/max · s_j)`` for its own d); then each
+    sub-block's codes move by ±1 where that lowers its error (given d, dmin the sub-blocks are independent).
+    llama.cpp's reference result is one of the candidates, so a super-block is never worse than it.
+    """
+
+    group_block = QK_K
+    bits_fixed = 4
+    sub = 32  # weights per sub-block
+    affine = True
+    code_lo, code_hi = 0, 63  # range of the sub-block scale (and min) codes
+    offset = 0  # level q = c − offset
+    # llama.cpp's make_qkx2_quants search (rmin, rdelta, nstep)
+    QKX2 = (-1.0, 0.1, 20)
+    D_FACTORS = (1.0, 0.97, 0.94, 0.9)  # d = f · largest target / code_hi
+
+    def __init__(self, bits: int | None = None, group_size: int | None = None) -> None:
+        message = fixed_values_error(self.kind, bits, group_size)
+        if message:
+            raise ValueError(message)
+        super().__init__(self.bits_fixed, QK_K)
+
+    @property
+    def n_sub(self) -> int:
+        return QK_K // self.sub
+
+    @property
+    def params_per_group(self) -> int:  # type: ignore[override]
+        return 1 + self.n_sub
+
+    @property
+    def float_zero(self) -> bool:  # type: ignore[override]
+        return self.affine  # zero holds fp16 dmin and the min codes, stored as fp16 values
+
+    @property
+    def scale_bits(self) -> int:
+        return 6 if self.affine else 8
+
+    @property
+    def overhead_bits(self) -> int:
+        per_sub = 2 * self.scale_bits if self.affine else self.scale_bits
+        return (32 if self.affine else 16) + self.n_sub * per_sub  # Q4_K, Q5_K: 128; Q6_K: 144
+
+    @property
+    def q_lo(self) -> int:
+        return -self.offset
+
+    @property
+    def q_hi(self) -> int:
+        return 2**self.bits - 1 - self.offset
+
+    # ----- effective parameters --------------------------------------------------------------
+    def _effective(self, p: GroupParams, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-column s (rows, width) and μ (or None) of columns [start, start + width) of the super-block."""
+        sub = torch.arange(start, start + width, device=p.scale.device) // self.sub
+        s = (p.scale[:, :1] * p.scale[:, 1:])[:, sub]  # d·sc_j, exact in float32
+        mu = None if p.zero is None else (p.zero[:, :1] * p.zero[:, 1:])[:, sub]
+        return s, mu
+
+    def _levels(self, x: torch.Tensor, s: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+        """Nearest level q of x under s, μ: round((x + μ)/s) clamped (llama.cpp's encoder); q = 0 where s = 0."""
+        t = x + mu if mu is not None else x
+        t = torch.where(s != 0, t / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(t))
+        return torch.round(t).clamp_(self.q_lo, self.q_hi).add_(0.0)  # + 0: no −0 level (decode's c − offset is +0)
+
+    @staticmethod
+    def _values(q: torch.Tensor, s: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+        x = s * q  # exact
+        return x - mu if mu is not None else x
+
+    # ----- the grid interface ---------------------------------------------------------------
+    def encode(self, x: torch.Tensor, p: GroupParams, start: int = 0) -> torch.Tensor:
+        s, mu = self._effective(p, start, x.shape[1])
+        return (self._levels(x.to(torch.float32), s, mu) + self.offset).to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor, p: GroupParams, start: int = 0) -> torch.Tensor:
+        s, mu = self._effective(p, start, codes.shape[1])
+        return self._values(codes.to(torch.float32) - self.offset, s, mu)
+
+    def round(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        start = 0
+        if isinstance(p, SuperBlockParams) and x.shape[1] != p.width:  # LDLQ: the next columns of the block
+            start, p.col = p.col, p.col + x.shape[1]
+            if p.col > p.width:
+                raise ValueError(f"{self.kind}: rounded {p.col} columns of a super-block fitted on {p.width}")
+        s, mu = self._effective(p, start, x.shape[1])
+        return self._values(self._levels(x.to(torch.float32), s, mu), s, mu)
+
+    def fit(self, x: torch.Tensor) -> SuperBlockParams:
+        """d, the sub-block codes (and dmin, min codes) of each row of the super-block x (rows, ≤ 256): of the
+        candidates (see the class docstring), the one with the least Σ_j (x_j − x̂_j)²."""
+        x = x.to(torch.float32)
+        rows, width = x.shape
+        if width > QK_K:
+            raise ValueError(f"{self.kind}: a super-block holds {QK_K} weights, got {width} columns")
+        mask = torch.ones(rows, QK_K, device=x.device)
+        if width < QK_K:  # a short last group: zero-padded, the padding counts for no error
+            x = torch.nn.functional.pad(x, (0, QK_K - width))
+            mask[:, width:] = 0
+        X = x.reshape(rows, self.n_sub, self.sub)
+        M = mask.reshape(rows, self.n_sub, self.sub)
+        best_err, best = None, None
+        for k, (d, sc, dmin, m) in enumerate(self._candidates(X)):
+            sc, m = self._polish(X, M, d, sc, dmin, m)
+            err = self._sub_errors(X, M, d, sc, dmin, m).sum(dim=1)  # (rows,)
+            if best_err is None:
+                best_err, best = err, (d, sc, dmin, m)
+                continue
+            better = err < best_err  # ties keep the earlier candidate (llama.cpp's comes first)
+            best_err = torch.where(better, err, best_err)
+            b = better[:, None]
+            best = tuple(None if o is None else torch.where(b, n, o) for n, o in zip((d, sc, dmin, m), best))
+        d, sc, dmin, m = best
+        zero = None if dmin is None else torch.cat([dmin, m], dim=1)
+        return SuperBlockParams(scale=torch.cat([d, sc], dim=1), zero=zero, width=width)
+
+    # ----- fitting helpers -------------------------------------------------------------------
+    def _sub_errors(self, X, M, d, sc, dmin, m) -> torch.Tensor:
+        """Σ (x − x̂)² per row and sub-block, (rows, n_sub), under d (rows, 1), codes sc (rows, n_sub)."""
+        s = (d * sc)[..., None]
+        mu = None if dmin is None else (dmin * m)[..., None]
+        err = (self._values(self._levels(X, s, mu), s, mu) - X).pow(2) * M
+        return err.sum(dim=2)
+
+    def _polish(self, X, M, d, sc, dmin, m):
+        """Each sub-block's codes moved by −1, 0 or +1 (sc, and m) where that lowers its error."""
+        steps = [(a, b) for a in (0, -1, 1) for b in ((0, -1, 1) if self.affine else (0,))]
+        best_err, best_sc, best_m = None, sc, m
+        for a, b in steps:
+            sc_k = (sc + a).clamp(self.code_lo, self.code_hi)
+            m_k = None if m is None else (m + b).clamp(0, self.code_hi)
+            err = self._sub_errors(X, M, d, sc_k, dmin, m_k)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_sc = torch.where(better, sc_k, best_sc)
+            if m is not None:
+                best_m = torch.where(better, m_k, best_m)
+        return best_sc, best_m
+
+    def _candidates(self, X):
+        """(d, sc, dmin, m) candidates, llama.cpp's reference first."""
+        raise NotImplementedError
+
+
+def _rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
+    """c / t rounded once, as C divides (torch's ``c / t`` is c · (1/t), two roundings)."""
+    return torch.full_like(t, c) / t
+
+
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over the last axis in index order, as a C loop adds (float32 sums depend on the order)."""
+    acc = t[..., 0].clone()
+    for i in range(1, t.shape[-1]):
+        acc += t[..., i]
+    return acc
+
+
+def _nearest(t: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int: round half to even, as float32 + 1.5·2^23 does."""
+    return torch.round(t)
+
+
+class _AffineKGrid(KQuantGrid):
+    """Q4_K and Q5_K: 8 sub-blocks of 32, x = d·sc_j·q − dmin·m_j with 6-bit sc_j, m_j."""
+
+    def _targets(self, X: torch.Tensor, weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """make_qkx2_quants per sub-block: (scale s_j, min μ_j ≥ 0), each (rows, n_sub); ``weighted``: with
+        llama.cpp's weights av_x + |x| (quantize_row_q*_K_ref), else all 1 (plain squared error). Its float32
+        arithmetic in its order (sums element by element: its choice between near-equal steps follows them)."""
+        nmax = float(self.q_hi)
+        rmin, rdelta, nstep = self.QKX2
+        if weighted:
+            av_x = torch.sqrt(_seq_sum(X * X) / 32.0)[..., None]
+            w = av_x + X.abs()
+        else:
+            w = torch.ones_like(X)
+        xmin = X.min(dim=2, keepdim=True).values.clamp(max=0.0)
+        xmax = X.max(dim=2, keepdim=True).values
+        flat = xmax == xmin
+        rng = torch.where(flat, torch.ones_like(xmax), xmax - xmin)
+        sum_w, sum_x = _seq_sum(w)[..., None], _seq_sum(w * X)[..., None]
+        iscale = _rdiv(nmax, rng)
+        scale = _rdiv(1.0, iscale)
+        L = _nearest(iscale * (X - xmin)).clamp(0, nmax)
+        best = _seq_sum(w * (scale * L + xmin - X).pow(2))[..., None]
+        best_scale, best_min = scale, xmin
+        for i in range(nstep + 1):  # llama.cpp's min moves to each better fit's: later steps start from it
+            step = float(np.float32(np.float32(rmin) + np.float32(rdelta) * np.float32(i)) + np.float32(nmax))
+            rng = torch.where(flat, torch.ones_like(xmax), xmax - best_min)
+            iscale = _rdiv(step, rng)
+            L = _nearest(iscale * (X - best_min)).clamp(0, nmax)
+            wl = w * L
+            sum_l, sum_l2, sum_xl = (_seq_sum(t)[..., None] for t in (wl, wl * L, wl * X))
+            D = sum_w * sum_l2 - sum_l * sum_l
+            ok = D > 0
+            Ds = torch.where(ok, D, torch.ones_like(D))
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+            pos = this_min > 0
+            this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+            this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
+            cur = _seq_sum(w * (this_scale * L + this_min - X).pow(2))[..., None]
+            better = ok & (cur < best)
+            best = torch.where(better, cur, best)
+            best_scale = torch.where(better, this_scale, best_scale)
+            best_min = torch.where(better, this_min, best_min)
+        best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
+        return best_scale[..., 0], -best_min[..., 0]
+
+    def _candidates(self, X):
+        out = []
+        for weighted in (True, False):
+            S, Mu = self._targets(X, weighted)  # (rows, n_sub)
+            max_scale = S.max(dim=1, keepdim=True).values.clamp(min=0.0)
+            max_min = Mu.max(dim=1, keepdim=True).values.clamp(min=0.0)
+            for f in self.D_FACTORS:
+                if f == 1.0:  # llama.cpp's: codes nearest_int(63/max · s_j), d = fp16(max/63)
+                    inv_s = torch.where(max_scale > 0, _rdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
+                    inv_m = torch.where(max_min > 0, _rdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
+                    sc = _nearest(inv_s * S).clamp(0, 63)
+                    m = _nearest(inv_m * Mu).clamp(0, 63)
+                    d, dmin = _fp16_param(max_scale / 63.0), _fp16_param(max_min / 63.0)
+                else:
+                    d, dmin = _fp16_param(f * max_scale / 63.0), _fp16_param(f * max_min / 63.0)
+                    sc = _nearest(S / torch.where(d > 0, d, 1.0)).clamp(0, 63) * (d > 0)
+                    m = _nearest(Mu / torch.where(dmin > 0, dmin, 1.0)).clamp(0, 63) * (dmin > 0)
+                out.append((d, sc, dmin, m))
+        return out
+
+
+class Q4_KGrid(_AffineKGrid):
+    """Q4_K: x = d·sc_j·c − dmin·m_j, c ∈ [0, 15]; 144 bytes per 256 weights (4.5 bits)."""
+
+    kind = "q4_k"
+    bits_fixed = 4
+
+
+class Q5_KGrid(_AffineKGrid):
+    """Q5_K: x = d·sc_j·c − dmin·m_j, c ∈ [0, 31]; 176 bytes per 256 weights (5.5 bits)."""
+
+    kind = "q5_k"
+    bits_fixed = 5
+    QKX2 = (-0.5, 0.1, 15)
+
+
+class Q6_KGrid(KQuantGrid):
+    """Q6_K: x = d·sc_j·(c − 32), c ∈ [0, 63], 16 sub-blocks of 16 with int8 sc_j; 210 bytes per 256 weights
+    (6.5625 bits)."""
+
+    kind = "q6_k"
+    bits_fixed = 6
+    sub = 16
+    affine = False
+    code_lo, code_hi = -128, 127
+    offset = 32
+
+    def _targets(self, X: torch.Tensor, weighted: bool) -> torch.Tensor:
+        """make_qx_quants(16, 32, x, L, rmse_type) per sub-block: the signed scale s_j (rows, n_sub);
+        ``weighted``: rmse_type 1 (weights x², llama.cpp's), else 2 (all 1)."""
+        nmax = 32.0
+        w = X * X if weighted else torch.ones_like(X)
+        amax, idx = X.abs().max(dim=2, keepdim=True)
+        mx = X.gather(2, idx)
+        zero = amax < GROUP_MAX_EPS
+        mx = torch.where(zero, torch.ones_like(mx), mx)
+
+        def sums(iscale):
+            L = _nearest(iscale * X).clamp(-nmax, nmax - 1)
+            return _seq_sum(w * X * L)[..., None], _seq_sum(w * L * L)[..., None]
+
+        sumlx, suml2 = sums(_rdiv(-nmax, mx))
+        scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), 0.0)
+        best = scale * sumlx
+        for i in range(-9, 10):
+            if i == 0:
+                continue
+            sumlx, suml2 = sums(_rdiv(-float(np.float32(nmax) + np.float32(0.1) * np.float32(i)), mx))
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            scale = torch.where(better, sumlx / torch.where(suml2 > 0, suml2, 1.0), scale)
+            best = torch.where(better, scale * sumlx, best)
+        return torch.where(zero, torch.zeros_like(scale), scale)[..., 0]
+
+    def _candidates(self, X):
+        out = []
+        for weighted in (True, False):
+            S = self._targets(X, weighted)  # (rows, n_sub)
+            idx = S.abs().argmax(dim=1, keepdim=True)  # first of the largest, as llama.cpp's strict >
+            max_scale = S.gather(1, idx)
+            none = max_scale.abs() < GROUP_MAX_EPS
+            ms = torch.where(none, torch.ones_like(max_scale), max_scale)
+            for f in self.D_FACTORS:
+                iscale = _rdiv(-128.0, f * ms)  # llama.cpp's (f = 1): d = fp16(1/iscale), sc = min(127, nint(iscale·s))
+                d = torch.where(none, 0.0, _fp16_param(_rdiv(1.0, iscale)))
+                sc = torch.where(none, 0.0, _nearest(iscale * S).clamp(max=127.0))
+                if f != 1.0:
+                    sc = torch.where(d != 0, _nearest(S / torch.where(d != 0, d, 1.0)), 0.0).clamp(-128, 127)
+                out.append((d, sc, None, None))
+        return out
+
+
+K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q4_KGrid, Q5_KGrid, Q6_KGrid)}
+GGUF_GRIDS.update(K_GRIDS)
 
 assert {k: g.bits_fixed for k, g in GGUF_GRIDS.items()} == GGUF_BITS, "lqlr.config.GGUF_BITS and the grids disagree"

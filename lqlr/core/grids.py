@@ -43,6 +43,7 @@ class Grid(ABC):
 
     kind: str = ""
     dim: int = 1  # columns encoded jointly (1 = scalar grid)
+    params_per_group: int = 1  # columns of scale/zero per group (a k-quant super-block: d and its sub-block codes)
     float_zero: bool = False  # zero is an fp16 offset (x = q·s + m, GGUF Q4_1/Q5_1), not an integer code
 
     def __init__(self, bits: int, group_size: int) -> None:
@@ -206,7 +207,8 @@ def group_slices(cols: int, group_size: int) -> list[slice]:
 class QuantizedTensor:
     """A (rows, cols) matrix on a grid: codes (rows, cols) uint8 and per-(row, group) params.
 
-    ``scale`` and ``zero`` have shape (rows, n_groups); ``zero`` is None for grids without one.
+    ``scale`` and ``zero`` have shape (rows, n_groups · grid.params_per_group); ``zero`` is None for grids
+    without one.
     """
 
     codes: torch.Tensor
@@ -219,8 +221,9 @@ class QuantizedTensor:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
     def group_params(self, j: int) -> GroupParams:
-        zero = None if self.zero is None else self.zero[:, j : j + 1]
-        return GroupParams(scale=self.scale[:, j : j + 1], zero=zero)
+        w = self.grid.params_per_group
+        zero = None if self.zero is None else self.zero[:, j * w : (j + 1) * w]
+        return GroupParams(scale=self.scale[:, j * w : (j + 1) * w], zero=zero)
 
     def dequantize(self) -> torch.Tensor:
         """Dense float32 (rows, cols)."""

@@ -42,12 +42,14 @@ def _buffer_shapes(prefix: str, spec: dict, rows: int, cols: int) -> dict[str, t
     """Names, shapes and dtypes of the stored tensors of one (rows, cols) matrix."""
     if spec["kind"] == FP16:
         return {f"{prefix}_weight": ((rows, cols), torch.float16)}
+    per_group = _grid(spec).params_per_group if spec["kind"] in GGUF_GRIDS else 1  # k-quants: d and the sub-scales
+    params = n_groups(cols, spec["group_size"]) * per_group
     out = {f"{prefix}_codes": ((packed_nbytes(rows * cols, spec["bits"]),), torch.uint8),
-           f"{prefix}_scale": ((rows, n_groups(cols, spec["group_size"])), torch.float16)}
+           f"{prefix}_scale": ((rows, params), torch.float16)}
     if spec["kind"] == "uniform":
         out[f"{prefix}_zero"] = ((packed_nbytes(rows * n_groups(cols, spec["group_size"]), spec["bits"]),), torch.uint8)
-    elif _grid(spec).float_zero:  # GGUF Q4_1/Q5_1: the block offsets m, fp16
-        out[f"{prefix}_zero"] = ((rows, n_groups(cols, spec["group_size"])), torch.float16)
+    elif _grid(spec).float_zero:  # GGUF Q4_1/Q5_1: the block offsets m; Q4_K/Q5_K: dmin and the min codes; fp16
+        out[f"{prefix}_zero"] = ((rows, params), torch.float16)
     return out
 
 

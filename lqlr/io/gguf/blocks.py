@@ -13,6 +13,21 @@ For the 4- and 5-bit types qs[j] holds the low four bits of code c_j in its low 
 of c_{j+16} in its high nibble (j < 16); Q5's qh has bit j = bit 4 of c_j (j < 32). Q8_0's byte
 is the int8 level q = c − 128. The bytes are what ``gguf.GGUFWriter.add_tensor(...,
 raw_dtype=ggml_type(kind))`` writes and ``gguf.quants.dequantize`` reads.
+
+The k-quants store a row in super-blocks of 256 weights (``block_q4_K`` etc. in ggml-common.h), with L_i the
+code of weight i of the super-block and sc_j, m_j the codes of sub-block j:
+
+    Q4_K  d:f16 | dmin:f16 | scales[12] | qs[128]              144 bytes
+    Q5_K  d:f16 | dmin:f16 | scales[12] | qh[32] | qs[128]     176 bytes
+    Q6_K  ql[128] | qh[64] | scales[16] int8 | d:f16           210 bytes
+
+Q4_K/Q5_K: the eight 6-bit (sc_j, m_j) pack as get_scale_min_k4 reads them: scales[j] = sc_j, scales[j+4] = m_j
+(j < 4), and for j ≥ 4 the low nibbles in scales[j+4] = sc_j & 15 | (m_j & 15) << 4, the high two bits in bits
+6-7 of scales[j−4] (sc_j) and scales[j] (m_j). qs[32c + l] = L_{64c+l} & 15 | (L_{64c+32+l} & 15) << 4 (c < 4);
+Q5_K's qh[l] has bit 2c = bit 4 of L_{64c+l} and bit 2c+1 = bit 4 of L_{64c+32+l}. Q6_K: in each half h of 128,
+with a, b, c, e = L_{128h+l}, L_{128h+32+l}, L_{128h+64+l}, L_{128h+96+l} (l < 32): ql[64h+l] = a & 15 |
+(c & 15) << 4, ql[64h+32+l] = b & 15 | (e & 15) << 4, qh[32h+l] = a >> 4 | (b >> 4) << 2 | (c >> 4) << 4 |
+(e >> 4) << 6; scales[j] is the int8 sc_j of sub-block j (16 weights).
 """
 from __future__ import annotations
 
@@ -20,7 +35,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from lqlr.core.gguf_grids import BLOCK, GGUF_GRIDS, GGUFGrid
+from lqlr.core.gguf_grids import BLOCK, GGUF_GRIDS, QK_K, GGUFGrid, KQuantGrid
 from lqlr.core.grids import QuantizedTensor
 
 HALF = BLOCK // 2
@@ -34,10 +49,11 @@ def ggml_type(kind: str) -> GGMLQuantizationType:
 
 
 def _blocks_per_row(kind: str, cols: int) -> int:
-    if cols % BLOCK:
-        raise ValueError(f"{kind} stores rows in blocks of {BLOCK} weights: a row of {cols} is not a multiple of "
-                         f"{BLOCK} (llama.cpp keeps such a tensor in another type)")
-    return cols // BLOCK
+    block = GGUF_GRIDS[kind].group_block
+    if cols % block:
+        raise ValueError(f"{kind} stores rows in blocks of {block} weights: a row of {cols} is not a multiple of "
+                         f"{block} (llama.cpp keeps such a tensor in another type)")
+    return cols // block
 
 
 def _fp16_bytes(t: torch.Tensor, what: str) -> np.ndarray:
@@ -52,6 +68,8 @@ def to_gguf_bytes(qt: QuantizedTensor) -> np.ndarray:
     """The ggml bytes of ``qt`` (on a GGUF grid), uint8 (rows, cols/32 · block bytes)."""
     grid = qt.grid
     size = GGML_QUANT_SIZES[ggml_type(grid.kind)][1]  # refuses a grid that is no GGUF format
+    if isinstance(grid, KQuantGrid):
+        return _k_bytes(qt, size)
     assert isinstance(grid, GGUFGrid)
     rows, cols = qt.shape
     nb = _blocks_per_row(grid.kind, cols)
@@ -85,6 +103,8 @@ def from_gguf_bytes(data: np.ndarray, shape: tuple[int, int], kind: str,
         raise ValueError(f"{kind} data of {raw.size} bytes does not hold a {rows}×{cols} tensor "
                          f"({rows * nb * size} bytes)")
     b = raw.reshape(rows, nb, size)
+    if isinstance(grid, KQuantGrid):
+        return _k_tensor(b, grid, device)
 
     def fp16(at: int) -> torch.Tensor:
         v = np.ascontiguousarray(b[..., at:at + 2]).view("<f2").reshape(rows, nb).astype(np.float32)
@@ -107,3 +127,82 @@ def from_gguf_bytes(data: np.ndarray, shape: tuple[int, int], kind: str,
             c = c | (((qh >> np.arange(BLOCK, dtype="<u4")) & 1).astype(np.uint8) << np.uint8(4))
     codes = torch.from_numpy(np.ascontiguousarray(c).reshape(rows, cols)).to(device)
     return QuantizedTensor(codes=codes, scale=scale, zero=zero, grid=grid)
+
+
+# ----- k-quants --------------------------------------------------------------------------------
+def _codes_of(t: torch.Tensor, lo: int, hi: int, what: str) -> np.ndarray:
+    """Integer-valued float codes as int64, checked to lie in [lo, hi]."""
+    a = t.detach().cpu().numpy()
+    c = np.rint(a).astype(np.int64)
+    if not np.array_equal(c, a) or (c.size and (c.min() < lo or c.max() > hi)):
+        raise ValueError(f"the {what} are not integer codes in [{lo}, {hi}]: a k-quant stores them so")
+    return c
+
+
+def _k_bytes(qt: QuantizedTensor, size: int) -> np.ndarray:
+    grid = qt.grid
+    rows, cols = qt.shape
+    nb, ns = _blocks_per_row(grid.kind, cols), grid.n_sub
+    L = qt.codes.detach().cpu().numpy().astype(np.uint8).reshape(rows, nb, QK_K)
+    scale = qt.scale.reshape(rows, nb, 1 + ns)
+    d = _fp16_bytes(scale[..., 0], "super-block scales d")
+    sc = _codes_of(scale[..., 1:], grid.code_lo, grid.code_hi, "sub-block scales")
+    if grid.affine:  # Q4_K, Q5_K
+        zero = qt.zero.reshape(rows, nb, 1 + ns)
+        dmin = _fp16_bytes(zero[..., 0], "super-block mins dmin")
+        ls, lm = sc.astype(np.uint8), _codes_of(zero[..., 1:], 0, grid.code_hi, "sub-block mins").astype(np.uint8)
+        scales = np.concatenate([ls[..., :4] | ((ls[..., 4:] >> 4) << 6), lm[..., :4] | ((lm[..., 4:] >> 4) << 6),
+                                 (ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4)], axis=2)  # (rows, nb, 12)
+        Lc = L.reshape(rows, nb, 4, 2, 32)  # (chunk c of 64, half, l)
+        qs = ((Lc[..., 0, :] & 0xF) | ((Lc[..., 1, :] & 0xF) << 4)).reshape(rows, nb, 128)
+        parts = [d, dmin, scales]
+        if grid.bits == 5:
+            shift = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)  # bit 2c + half
+            qh = (((Lc >> 4) & 1) << shift[..., None]).sum(axis=(2, 3), dtype=np.uint8)  # (rows, nb, 32)
+            parts.append(qh)
+        parts.append(qs)
+    else:  # Q6_K
+        Lq = L.reshape(rows, nb, 2, 4, 32)  # (half h, quarter, l)
+        lo, hi = Lq & 0xF, Lq >> 4
+        ql = np.concatenate([lo[..., 0, :] | (lo[..., 2, :] << 4), lo[..., 1, :] | (lo[..., 3, :] << 4)], axis=3)
+        qh = hi[..., 0, :] | (hi[..., 1, :] << 2) | (hi[..., 2, :] << 4) | (hi[..., 3, :] << 6)
+        parts = [ql.reshape(rows, nb, 128), qh.reshape(rows, nb, 64), sc.astype(np.int8).view(np.uint8), d]
+    data = np.concatenate(parts, axis=2)
+    assert data.shape[2] == size
+    return data.reshape(rows, nb * size)
+
+
+def _k_tensor(b: np.ndarray, grid: KQuantGrid, device: torch.device | str) -> QuantizedTensor:
+    """The QuantizedTensor of k-quant blocks ``b`` (rows, nb, block bytes)."""
+    rows, nb, _ = b.shape
+
+    def fp16(at: int) -> np.ndarray:
+        return np.ascontiguousarray(b[..., at:at + 2]).view("<f2").reshape(rows, nb, 1).astype(np.float32)
+
+    zero = None
+    if grid.affine:
+        d, dmin, q = fp16(0), fp16(2), b[..., 4:16]
+        ls = np.concatenate([q[..., :4] & 63, (q[..., 8:] & 0xF) | ((q[..., :4] >> 6) << 4)], axis=2)
+        lm = np.concatenate([q[..., 4:8] & 63, (q[..., 8:] >> 4) | ((q[..., 4:8] >> 6) << 4)], axis=2)
+        at = 16
+        qh = None
+        if grid.bits == 5:
+            qh, at = b[..., at:at + 32], at + 32
+        qs = b[..., at:at + 128].reshape(rows, nb, 4, 1, 32)
+        L = np.concatenate([qs & 0xF, qs >> 4], axis=3)  # (rows, nb, 4, 2, 32)
+        if qh is not None:
+            shift = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
+            L = L | (((qh[..., None, None, :] >> shift[..., None]) & 1) << 4)
+        scale = np.concatenate([d, ls.astype(np.float32)], axis=2)
+        zero = torch.from_numpy(np.concatenate([dmin, lm.astype(np.float32)], axis=2).reshape(rows, -1)).to(device)
+    else:
+        ql = b[..., :128].reshape(rows, nb, 2, 2, 32)  # (half, first/second 32, l)
+        qh = b[..., 128:192].reshape(rows, nb, 2, 1, 32)
+        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
+        lo = np.concatenate([ql & 0xF, ql >> 4], axis=3)  # quarters 0, 1, 2, 3
+        hi = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        L = lo | (hi << 4)
+        scale = np.concatenate([fp16(208), sc], axis=2)
+    codes = torch.from_numpy(np.ascontiguousarray(L, dtype=np.uint8).reshape(rows, nb * QK_K)).to(device)
+    return QuantizedTensor(codes=codes, scale=torch.from_numpy(scale.reshape(rows, -1)).to(device), zero=zero,
+                           grid=grid)

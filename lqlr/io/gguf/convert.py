@@ -146,8 +146,12 @@ def float_array(t: torch.Tensor, gname: str) -> tuple[np.ndarray, gguf.GGMLQuant
 
 def file_type(types: list[str]) -> gguf.LlamaFileType:
     """``general.file_type`` from the ggml types of the compressed linears (the most frequent one; ties:
-    the first in ``types``), e.g. ``["q4_0", "f16"]`` → MOSTLY_Q4_0."""
+    the first in ``types``), e.g. ``["q4_0", "f16"]`` → MOSTLY_Q4_0, ``["q4_k", "q4_k", "q6_k"]`` → MOSTLY_Q4_K_M."""
     if not types:
         return gguf.LlamaFileType.MOSTLY_F16
     best = max(dict.fromkeys(types), key=types.count)
-    return gguf.LlamaFileType.ALL_F32 if best == "f32" else gguf.LlamaFileType[f"MOSTLY_{best.upper()}"]
+    if best == "f32":
+        return gguf.LlamaFileType.ALL_F32
+    if best in ("q4_k", "q5_k"):  # llama.cpp's names: _M where some tensors are Q6_K (its Q4_K_M mix), else _S
+        return gguf.LlamaFileType[f"MOSTLY_{best.upper()}_{'M' if 'q6_k' in types else 'S'}"]
+    return gguf.LlamaFileType[f"MOSTLY_{best.upper()}"]

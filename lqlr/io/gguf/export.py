@@ -60,7 +60,8 @@ class TensorEntry:
 @dataclass(frozen=True)
 class LinearPlan:
     """How one compressed linear goes into model.gguf: its codes as they are (``type`` = the grid's GGUF type),
-    or, when its rows are not made of 32-weight blocks, its dequantized Q in ``fallback`` type."""
+    or, when its rows are not made of the type's blocks (32 weights, or 256 for a k-quant), its dequantized Q
+    in ``fallback`` type."""
 
     name: str
     tensor: str
@@ -73,7 +74,8 @@ def _refusal(name: str, spec: dict[str, Any]) -> str | None:
     """Why the Q of module ``name`` cannot be written as llama.cpp blocks as it is (None when it can)."""
     q = spec["q"]
     fix = ("compress with a GGUF grid and no rotation (method.grid=q4_0 method.bq=4 method.group_size=32 "
-           "method.incoherence=false, or q4_1/q5_0/q5_1/q8_0/iq4_nl) to export to GGUF")
+           "method.incoherence=false, or q4_1/q5_0/q5_1/q8_0/iq4_nl; or the k-quants q4_k/q5_k/q6_k with "
+           "method.group_size=256) to export to GGUF")
     if spec.get("rotation"):
         return (f"{name} has an incoherence rotation: its Q is stored in a rotated basis that llama.cpp cannot "
                 f"undo; {fix}")
@@ -96,8 +98,9 @@ def plan_linears(manifest: dict[str, Any], arch: Arch, fallback_type: str = "f16
         out_f, in_f = entry["shape"]
         kind = entry["spec"]["q"]["kind"]
         fallback = None
-        if in_f % BLOCK:
-            fallback = (f"rows of {in_f} are not a multiple of {BLOCK}: no {kind} blocks; the dequantized Q is written "
+        block = GGUF_GRIDS[kind].group_block  # 32, or a k-quant's super-block of 256
+        if in_f % block:
+            fallback = (f"rows of {in_f} are not a multiple of {block}: no {kind} blocks; the dequantized Q is written "
                         f"as {fallback_type} (as llama.cpp keeps such tensors in a fallback type)")
         plans.append(LinearPlan(name=name, tensor=gguf_name(tmap, f"{name}.weight"), shape=(out_f, in_f),
                                 type=fallback_type if fallback else kind, fallback=fallback))
