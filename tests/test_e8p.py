@@ -213,3 +213,24 @@ def test_e8p_through_the_pipeline(tmp_path) -> None:
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), str(out / "adapter"))
     with torch.no_grad():
         assert torch.allclose(peft(ids).logits, lb, atol=1e-4, rtol=1e-4)
+
+
+def test_factor_group_size_is_used_and_counted() -> None:
+    """L and R take ``factor_group_size`` (Q keeps ``group_size``), and the counted bits equal the
+    stored decomposition's, by hand: E8P Q 2 + 16/256 per weight, R (8 × 256) and L (96 × 8) 4-bit in
+    groups of 32 (L: groups of min(32, k) = 8) with a 4-bit zero and an fp16 scale each."""
+    from lqlr.config import QLRConfig
+    from lqlr.core.bits import bits_per_param
+    from lqlr.core.decompose import decompose
+
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(96, 256, generator=g)
+    cfg = QLRConfig(grid="e8p", bq=2, group_size=4096, factor_group_size=32, rank=8, iters=2)
+    d = decompose(W, None, cfg)
+    assert d.l_codes.grid.group_size == 8 and d.r_codes.grid.group_size == 32
+    q = 96 * 256 * 2 + 96 * 16
+    r = 8 * 256 * 4 + 8 * (256 // 32) * (16 + 4)
+    l_ = 96 * 8 * 4 + 96 * 1 * (16 + 4)
+    assert d.bits_per_param == pytest.approx((q + r + l_) / W.numel())
+    assert bits_per_param(96, 256, cfg) == pytest.approx(d.bits_per_param)
+    assert QLRConfig(group_size=64).factor_groups == 64

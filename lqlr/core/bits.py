@@ -60,8 +60,8 @@ def bit_breakdown(out_features: int, in_features: int, cfg: QLRConfig) -> BitBre
     l_bits = r_bits = 0
     if k > 0:
         # L is (out, k): its groups run along k; R is (k, in): groups along in
-        l_bits = _factor_bits(out_features, k, cfg.bl, cfg.factor_grid, min(cfg.group_size, k))
-        r_bits = _factor_bits(k, in_features, cfg.br, cfg.factor_grid, cfg.group_size)
+        l_bits = _factor_bits(out_features, k, cfg.bl, cfg.factor_grid, min(cfg.factor_groups, k))
+        r_bits = _factor_bits(k, in_features, cfg.br, cfg.factor_grid, cfg.factor_groups)
     return BitBreakdown(
         out_features=out_features,
         in_features=in_features,

@@ -149,7 +149,7 @@ def round_q(prep: Prepared, T: torch.Tensor, cfg: QLRConfig) -> tuple[Rounded, f
 
 def fit_factors(prep: Prepared, A: torch.Tensor, cfg: QLRConfig, it: int) -> Factors:
     """L, R ← argmin tr((A − L R) H (A − L R)ᵀ) on the factor grids, A (out, in) in the rotated basis."""
-    return lr_step(A, prep.plan, prep.C, cfg.rank, cfg.bl, cfg.br, cfg.group_size, cfg.factor_grid, cfg.lr_iters,
+    return lr_step(A, prep.plan, prep.C, cfg.rank, cfg.bl, cfg.br, cfg.factor_groups, cfg.factor_grid, cfg.lr_iters,
                    cfg.damp, cfg.block_size, cfg.clip_search, cfg.svd, seed=cfg.seed * 1000 + it)
 
 
