@@ -420,9 +420,13 @@ def test_k_quant_bits_and_group_size(kind):
 @pytest.mark.parametrize("name", ["gauss", "heavy", "special"])
 @pytest.mark.parametrize("kind", K_KINDS)
 def test_k_quant_bytes_decode_exactly(kind, name, ggml):
-    """lqlr's bytes decode, in gguf-py and in ggml's own dequantize_row_*, to lqlr's Q bit for bit, and read back
-    to the same codes, scales and bytes."""
+    """lqlr's bytes decode, in gguf-py and in ggml's own dequantize_row_*, to lqlr's Q bit for bit (signed zeros
+    included), and read back to the same codes, scales and bytes."""
     W = _matrix(name, rows=48, cols=512)
+    if name == "special":  # zero-padded rows (a model padded to 256 wide), either sign of the absmax
+        W[8:12, 64:256] = 0.0
+        W[8:10] = -W[8:10].abs()
+        W[10:12] = W[10:12].abs()
     qt = quantize_rtn(W, make_grid(kind, K_FIXED[kind], 256))
     data = to_gguf_bytes(qt)
     assert data.dtype == np.uint8 and data.shape == (48, 2 * K_BYTES[kind]) and data.size * 8 == qt.storage_bits()
@@ -431,6 +435,8 @@ def test_k_quant_bytes_decode_exactly(kind, name, ggml):
     np.testing.assert_array_equal(_bits(_ggml_dequantize(ggml, kind, data, Q.shape)), _bits(Q))
     if name == "special":
         assert not Q[0].any() and not Q[1, 32:64].any()  # a zero row, a zero sub-block stay zero
+        codes = qt.scale.reshape(48, 2, -1)[..., 1:].numpy()  # the sub-block scale codes of both super-blocks
+        assert not (np.signbit(codes) & (codes == 0)).any()  # no −0 (ggml's bytes have none)
     back = from_gguf_bytes(data, qt.shape, kind)
     assert torch.equal(back.codes, qt.codes) and torch.equal(back.scale, qt.scale)
     assert (back.zero is None) == (qt.zero is None) and (back.zero is None or torch.equal(back.zero, qt.zero))

@@ -123,6 +123,28 @@ def _stories(ffn: int | None = None):
     return padded.eval()
 
 
+def _stories_256():
+    """stories260K zero-padded to hidden 256 and FFN 256, the same function (head_dim stays 8, so q/k/v keep their
+    64/32 output rows; norm weights halved and eps/4: RMS over 256 of 64 non-zero entries is half the RMS over 64):
+    every linear but o_proj (rows of 64, 8 heads of 8) on the k-quants' 256-weight super-blocks."""
+    from transformers import LlamaForCausalLM
+
+    from lqlr.engine.models import load_model
+
+    model, _ = load_model("stories260k")
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    padded = LlamaForCausalLM(c.__class__.from_dict({**c.to_dict(), "hidden_size": 256, "intermediate_size": 256,
+                                                     "head_dim": head_dim, "rms_norm_eps": c.rms_norm_eps / 4}))
+    state = {}
+    for k, v in padded.state_dict().items():
+        w, z = model.state_dict()[k], torch.zeros_like(v)
+        z[tuple(slice(0, s) for s in w.shape)] = w * (0.5 if "norm" in k else 1)
+        state[k] = z
+    padded.load_state_dict(state)
+    return padded.eval()
+
+
 def _random_llama(hidden=64, ffn=192, layers=5, heads=8, kv_heads=4, ctx=512, eps=1e-5, theta=10000.0, tie=True):
     """A random Llama (linears N(0, 0.1²), norms 1 + N(0, 0.3²) so that a wrong norm or eps shows); the default
     has stories260K's shape with FFN 192."""
@@ -304,6 +326,34 @@ def test_stories260k_with_fallback_logits_match(stories, story):
 
 
 K_MODEL = dict(hidden=256, ffn=512, layers=2, heads=4, kv_heads=2, ctx=128)
+K_GRIDS = {"q4_k": 4, "q5_k": 5, "q6_k": 6}
+
+
+def test_stories_256_is_stories260k(story):
+    """The padded model is stories260K's function (the k-quant comparisons below stand for the real model)."""
+    ids = torch.tensor(story[:2])
+    with torch.no_grad():
+        ref, got = _stories()(ids).logits, _stories_256()(ids).logits
+    assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("grid", list(K_GRIDS))
+def test_stories260k_k_quant_logits_match(grid, story, tok, tmp_path):
+    """stories260K padded to 256 wide on Q4_K, Q5_K, Q6_K with rank-8 L, R: 30 linears in super-blocks, the five
+    o_proj (rows of 64) in the f16 fallback; with lora.gguf against Q + L·R, without it against Q alone."""
+    export = _export(_stories_256(), tmp_path / grid, tok, grid=grid, bq=K_GRIDS[grid], group_size=256, rank=8)
+    files = _files(export, tmp_path / "gguf")
+    record = files["record"]
+    assert sorted(record["fallbacks"]) == [f"model.layers.{i}.self_attn.o_proj" for i in range(5)]
+    assert all("not a multiple of 256" in why for why in record["fallbacks"].values())
+    want = {"q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S", "q6_k": "MOSTLY_Q6_K"}[grid]
+    assert record["model"]["file_type"] == want
+    _check_blocks(load(export), files)
+    _compare(f"stories260K-256 {grid} Q+LR", load(export), files, story, lora=True)
+    _compare(f"stories260K-256 {grid} Q", _q_only(load(export)), files, story, lora=False)
+
+
 RANDOM = {  # name -> (model kwargs, export kwargs)
     "tiny untied f32 q4_1": (dict(ffn=128, layers=2, heads=4, kv_heads=2, ctx=128, eps=1e-6, theta=50000.0, tie=False),
                              dict(untouched="float32", grid="q4_1", bq=4, rank=8)),

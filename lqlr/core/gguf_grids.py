@@ -402,7 +402,8 @@ class KQuantGrid(Grid):
             b = better[:, None]
             best = tuple(None if o is None else torch.where(b, n, o) for n, o in zip((d, sc, dmin, m), best))
         d, sc, dmin, m = best
-        zero = None if dmin is None else torch.cat([dmin, m], dim=1)
+        sc = sc + 0.0  # integer codes: no −0 (a GGUF byte has none; d·(−0) would flip the sign of zeros)
+        zero = None if dmin is None else torch.cat([dmin, m + 0.0], dim=1)
         return SuperBlockParams(scale=torch.cat([d, sc], dim=1), zero=zero, width=width)
 
     # ----- fitting helpers -------------------------------------------------------------------
