@@ -43,6 +43,7 @@ CASES = [  # (rows, cols, kind, bits, group): aligned, odd widths, short last gr
     (33, 128, "uniform", 2, 64), (17, 96, "uniform", 3, 32), (9, 100, "uniform", 3, 64), (12, 72, "uniform", 4, 20),
     (8, 64, "uniform", 5, 64), (7, 40, "uniform", 6, 16), (5, 56, "uniform", 7, 8), (6, 48, "uniform", 8, 16),
     (4, 24, "uniform", 1, 8), (10, 130, "nf", 4, 64), (11, 64, "nf", 3, 32), (3, 18, "nf", 2, 18),
+    (33, 128, "e8p", 2, 64), (9, 96, "e8p", 2, 4096), (5, 40, "e8p", 2, 8),  # E8P: every 16-bit index is a codeword
 ]
 
 
@@ -86,6 +87,7 @@ LAYERS = {
     "fp16 factors": dict(bl=16, br=16),
     "nf grids": dict(grid="nf", factor_grid="nf", bq=3),
     "odd dims (3·2^k)": dict(shape=(24, 40), rank=3),
+    "e8p q + lr": dict(grid="e8p", bq=2),
 }
 
 

@@ -8,6 +8,11 @@
 // variable shift (AVX2), multiplies by x and folds the scale in once per group:
 //     y[m, o] = Σ_g s[o,g] · (Σ_{j∈g} c[o,j]·x[m,j] − z[o,g] · Σ_{j∈g} x[m,j]).
 // Many rows of x (prefill) instead dequantize a tile of rows of the matrix and call at::mm.
+// An E8P matrix (lqlr/core/e8p.py) stores one 16-bit codeword index per 8 weights (the 8 2-bit
+// codes of the stream): source point a = table[idx >> 8] (8 floats ≥ 0), sign bits (idx >> 1) & 127
+// for coordinates 0..6, coordinate 7's sign the one that makes the count of negatives ≡ parity[a],
+// and ±¼ by idx & 1; the value is s·(±a ± ¼). The GEMV decodes a codeword into 8 lanes (sign bits
+// xor-ed into the floats) and multiplies it by x, with no dense copy.
 // Incoherence rotations x Vᵀ / y U are fast Walsh–Hadamard transforms per power-of-two block,
 // a small m×m orthogonal mix across blocks, and random signs (lqlr/incoherence.py).
 #include <torch/extension.h>
@@ -33,14 +38,30 @@ struct Packed {
   torch::Tensor scale;  // (rows, ng) fp16
   torch::Tensor zero;   // uint8 bit stream of rows·ng zero points (uniform grid) or undefined
   torch::Tensor lut;    // (2^bits,) float32 levels (NormalFloat) or undefined
+  torch::Tensor book;   // (256, 8) float32 E8P source points, or undefined
+  std::vector<uint8_t> parity;  // E8P: sum of each source point mod 2
   int64_t rows = 0, cols = 0, bits = 0, group = 0, ng = 0;
 
   Packed(torch::Tensor codes_, torch::Tensor scale_, std::optional<torch::Tensor> zero_,
-         std::optional<torch::Tensor> lut_, int64_t rows_, int64_t cols_, int64_t bits_, int64_t group_)
+         std::optional<torch::Tensor> lut_, int64_t rows_, int64_t cols_, int64_t bits_, int64_t group_,
+         std::optional<torch::Tensor> book_)
       : codes(codes_), scale(scale_), rows(rows_), cols(cols_), bits(bits_), group(group_) {
     if (zero_) zero = *zero_;
     if (lut_) lut = lut_->to(torch::kFloat32).contiguous();
     TORCH_CHECK(bits == 16 || (bits >= 1 && bits <= 8), "packed matrix: bits must be 1-8 or 16, got ", bits);
+    if (book_) {
+      book = book_->to(torch::kFloat32).contiguous();
+      TORCH_CHECK(book.numel() == 256 * 8, "E8P: the codebook holds 256 source points of 8 coordinates");
+      TORCH_CHECK(bits == 2 && group % 8 == 0 && cols % 8 == 0 && !zero.defined() && !lut.defined(),
+                  "E8P: 2-bit codes, groups and rows a multiple of 8 weights, no zero or lut");
+      const float* b = book.data_ptr<float>();
+      parity.resize(256);
+      for (int i = 0; i < 256; ++i) {
+        float t = 0.f;
+        for (int k = 0; k < 8; ++k) t += b[i * 8 + k];
+        parity[i] = static_cast<uint8_t>(static_cast<int64_t>(std::lround(t)) & 1);
+      }
+    }
     if (bits == 16) {
       TORCH_CHECK(codes.scalar_type() == torch::kHalf && codes.is_contiguous(), "fp16 factor must be contiguous fp16");
       return;
@@ -51,7 +72,8 @@ struct Packed {
     ng = (cols + group - 1) / group;
     TORCH_CHECK(scale.scalar_type() == torch::kHalf && scale.is_contiguous() && scale.numel() == rows * ng,
                 "scale must be contiguous fp16 of rows x groups");
-    TORCH_CHECK(zero.defined() != lut.defined(), "give exactly one of zero (uniform) and lut (NormalFloat)");
+    TORCH_CHECK(book.defined() || zero.defined() != lut.defined(),
+                "give exactly one of zero (uniform) and lut (NormalFloat)");
     if (zero.defined())
       TORCH_CHECK(zero.scalar_type() == torch::kUInt8 && zero.is_contiguous() && zero.numel() * 8 >= rows * ng * bits,
                   "zero must be a contiguous uint8 bit stream of rows x groups codes");
@@ -209,6 +231,107 @@ void gemv_rows(const RowCtx& c, int64_t cols, int64_t group, int64_t ng, const f
   }
 }
 
+// ---- E8P codewords ---------------------------------------------------------------------------
+struct E8PCtx {
+  const uint8_t* codes;   // 2 bits per weight: one little-endian 16-bit index per 8 weights
+  const float* book;      // (256, 8) source points
+  const uint8_t* parity;  // (256,)
+  const at::Half* scale;  // (rows, ng)
+  int64_t cols, group, ng;
+
+  explicit E8PCtx(const Packed& P)
+      : codes(P.codes.data_ptr<uint8_t>()), book(P.book.data_ptr<float>()), parity(P.parity.data()),
+        scale(P.scale.data_ptr<at::Half>()), cols(P.cols), group(P.group), ng(P.ng) {}
+
+  // the index of the codeword holding weights [j, j + 8) of row o (j a multiple of 8)
+  uint32_t index(int64_t o, int64_t j) const {
+    const uint8_t* p = codes + (o * cols + j) / 4;
+    return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8);
+  }
+
+  // bit k set: coordinate k of the codeword is negative
+  uint32_t negatives(uint32_t idx) const {
+    const uint32_t s7 = (idx >> 1) & 127u;
+    uint32_t ones = s7;  // popcount of 7 bits
+    ones = ones - ((ones >> 1) & 0x55u);
+    ones = (ones & 0x33u) + ((ones >> 2) & 0x33u);
+    ones = (ones + (ones >> 4)) & 0x0Fu;
+    const uint32_t last = (ones + parity[idx >> 8]) & 1u;
+    return s7 | (last << 7);
+  }
+
+  void decode(uint32_t idx, float* v) const {
+    const float* a = book + (idx >> 8) * 8;
+    const uint32_t neg = negatives(idx);
+    const float shift = (idx & 1u) ? 0.25f : -0.25f;
+    for (int k = 0; k < 8; ++k) v[k] = (((neg >> k) & 1u) ? -a[k] : a[k]) + shift;
+  }
+
+#if LQLR_AVX2
+  __m256 decode8(uint32_t idx, __m256i lanes, __m256i to_sign) const {
+    const __m256 a = _mm256_loadu_ps(book + (idx >> 8) * 8);
+    const __m256i bit = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(negatives(idx))), lanes);
+    const __m256 sign = _mm256_castsi256_ps(_mm256_sllv_epi32(bit, to_sign));  // bit k → the sign bit of lane k
+    return _mm256_add_ps(_mm256_xor_ps(a, sign), _mm256_set1_ps((idx & 1u) ? 0.25f : -0.25f));
+  }
+#endif
+};
+
+// y[m, o] for o in [r0, r1) and MB rows of x, E8P codewords: Σ_g s[o,g] · Σ_{codewords in g} v·x.
+template <int MB>
+void gemv_rows_e8p(const E8PCtx& c, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+#if LQLR_AVX2
+  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i to_sign = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+#endif
+  for (int64_t o = r0; o < r1; ++o) {
+    float tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = 0.f;
+    for (int64_t g = 0; g < c.ng; ++g) {
+      const int64_t c0 = g * c.group, c1 = std::min(c0 + c.group, c.cols);
+      const float s = half_to_float(c.scale[o * c.ng + g]);
+#if LQLR_AVX2
+      __m256 acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t j = c0; j < c1; j += 8) {
+        const __m256 v = c.decode8(c.index(o, j), lanes, to_sign);
+        for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * ldx + j), acc[m]);
+      }
+      for (int m = 0; m < MB; ++m) tot[m] += s * hsum(acc[m]);
+#else
+      float gt[MB];
+      for (int m = 0; m < MB; ++m) gt[m] = 0.f;
+      float v[8];
+      for (int64_t j = c0; j < c1; j += 8) {
+        c.decode(c.index(o, j), v);
+        for (int m = 0; m < MB; ++m)
+          for (int k = 0; k < 8; ++k) gt[m] += v[k] * x[m * ldx + j + k];
+      }
+      for (int m = 0; m < MB; ++m) tot[m] += s * gt[m];
+#endif
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + o] = tot[m];
+  }
+}
+
+void gemv_dispatch_e8p(const Packed& P, const float* x, int64_t M, float* y) {
+  const E8PCtx c(P);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(P.cols * M, 1));
+  at::parallel_for(0, P.rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const float* xm = x + m0 * P.cols;
+      float* ym = y + m0 * P.rows;
+      switch (mb) {
+        case 1: gemv_rows_e8p<1>(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        case 2: gemv_rows_e8p<2>(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        case 3: gemv_rows_e8p<3>(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        default: gemv_rows_e8p<4>(c, xm, P.cols, ym, P.rows, r0, r1); break;
+      }
+    }
+  });
+}
+
 RowCtx ctx_of(const Packed& P) {
   RowCtx c;
   c.codes = P.codes.data_ptr<uint8_t>();
@@ -244,6 +367,21 @@ void gemv_dispatch(const RowCtx& c, const Packed& P, const float* x, int64_t M, 
 
 // Dense float32 rows [r0, r1) of the matrix into out (r1 − r0, cols).
 void dequant_rows(const Packed& P, int64_t r0, int64_t r1, float* out) {
+  if (P.book.defined()) {  // E8P: s · codeword, 8 weights at a time
+    const E8PCtx c(P);
+    at::parallel_for(r0, r1, std::max<int64_t>(1, 32768 / std::max<int64_t>(P.cols, 1)), [&](int64_t a, int64_t e) {
+      float v[8];
+      for (int64_t o = a; o < e; ++o) {
+        float* dst = out + (o - r0) * P.cols;
+        for (int64_t j = 0; j < P.cols; j += 8) {
+          const float s = half_to_float(c.scale[o * P.ng + j / P.group]);
+          c.decode(c.index(o, j), v);
+          for (int k = 0; k < 8; ++k) dst[j + k] = v[k] * s;
+        }
+      }
+    });
+    return;
+  }
   const RowCtx c = ctx_of(P);
   const int b = c.bits;
   const bool nf = P.lut.defined();
@@ -303,6 +441,10 @@ torch::Tensor matmul(const Packed& P, const torch::Tensor& x, int64_t gemv_max_r
     return y;
   }
   auto y = torch::empty({M, P.rows}, torch::kFloat32);
+  if (P.book.defined()) {
+    gemv_dispatch_e8p(P, x.data_ptr<float>(), M, y.data_ptr<float>());
+    return y;
+  }
   // per-group sums of x for the zero points
   auto xsum = torch::zeros({M, P.ng}, torch::kFloat32);
   const float* xp = x.data_ptr<float>();
@@ -419,9 +561,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("simd") = LQLR_AVX2 ? "avx2" : "portable";
   py::class_<Packed>(m, "Packed")
       .def(py::init<torch::Tensor, torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>, int64_t,
-                    int64_t, int64_t, int64_t>(),
+                    int64_t, int64_t, int64_t, std::optional<torch::Tensor>>(),
            py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("lut"), py::arg("rows"), py::arg("cols"),
-           py::arg("bits"), py::arg("group"));
+           py::arg("bits"), py::arg("group"), py::arg("book") = py::none());
   py::class_<Rot>(m, "Rot").def(py::init<torch::Tensor, std::optional<torch::Tensor>, int64_t, int64_t, int64_t>(),
                                 py::arg("signs"), py::arg("Om"), py::arg("n"), py::arg("p"), py::arg("m"));
   py::class_<Plan>(m, "Plan")
