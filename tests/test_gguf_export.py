@@ -6,6 +6,7 @@ transformers' Llama RoPE (rotate_half) against llama.cpp's (adjacent pairs) chec
 a port of llama.cpp's SentencePiece merge loop checks the token scores.
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -559,3 +560,64 @@ def test_smollm2_tokenizer_and_keys_match_llama_cpps_conversion(tmp_path):
 
     text, template, _ = modelfile(True, vocab)
     assert template == "chatml" and 'TEMPLATE """' in text and 'PARAMETER stop "<|im_end|>"' in text
+
+
+# ----- k-quants -------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("grid,bq", [("q4_k", 4), ("q6_k", 6)])
+def test_k_quant_export(grid, bq, tmp_path):
+    """A 256-wide Llama on Q4_K / Q6_K: every linear's tensor is its super-blocks (144 / 210 bytes per 256
+    weights), gguf-py decodes them to lqlr's Q bit for bit (rows un-permuted for q/k), and Q is 4.5 / 6.5625 bits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lqlr.engine.models import load_model
+
+    _, tokenizer = load_model("stories260k")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    export = _export(LlamaForCausalLM(cfg).eval(), tmp_path, f"k-{grid}", tokenizer, grid=grid, bq=bq,
+                     group_size=256, rank=4, incoherence=False)
+    record = export_gguf(export, tmp_path / "gguf")
+    assert not record["fallbacks"]
+    assert record["model"]["file_type"] == {"q4_k": "MOSTLY_Q4_K_S", "q6_k": "MOSTLY_Q6_K"}[grid]
+    _, tensors = _read(tmp_path / "gguf" / "model.gguf")
+    model = load(export)
+    size = {"q4_k": 144, "q6_k": 210}[grid]
+    for name in json.loads((export / "manifest.json").read_text())["modules"]:
+        t, layer = tensors[_gguf_name(name)], model.get_submodule(name)
+        assert t.tensor_type == gguf.GGMLQuantizationType[grid.upper()]
+        assert int(t.n_bytes) == layer.out_features * layer.in_features // 256 * size
+        got = dequantize(t.data, t.tensor_type)
+        heads = _heads(model.config, name)
+        got = _unpermute(got, heads) if heads else got
+        np.testing.assert_array_equal(_bits(got), _bits(layer.q_weight().numpy()))
+    assert record["summary"]["q_bits_per_param"] == 8 * size / 256
+
+
+@pytest.mark.slow
+def test_stories_on_q4_k_falls_back_everywhere(tmp_path, capsys):
+    """stories260K on q4_k (rows of 64 and 172: no super-block of 256 fits) compresses, and lqlr-export gguf writes
+    every linear's dequantized Q in the fallback type, listed, as llama.cpp keeps such tensors in another type."""
+    from lqlr.cli.export import main
+    from lqlr.engine.models import load_model
+
+    model, tokenizer = load_model("stories260k")
+    export = _export(model, tmp_path, "s-q4_k", tokenizer, grid="q4_k", bq=4, group_size=256, rank=4,
+                     incoherence=False)
+    main(["gguf", str(export), str(tmp_path / "gguf"), "--fallback-type", "f32"])
+    assert "model.gguf" in capsys.readouterr().out
+    record = json.loads((tmp_path / "gguf" / "gguf.json").read_text())
+    assert len(record["fallbacks"]) == 35
+    assert all(re.search(r"rows of (64|172) are not a multiple of 256: no q4_k blocks", why)
+               for why in record["fallbacks"].values())
+    _, tensors = _read(tmp_path / "gguf" / "model.gguf")
+    loaded = load(export)
+    for name in record["fallbacks"]:
+        t = tensors[_gguf_name(name)]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        got = t.data.astype(np.float32)
+        heads = _heads(loaded.config, name)
+        got = _unpermute(got, heads) if heads else got
+        np.testing.assert_array_equal(_bits(got), _bits(loaded.get_submodule(name).q_weight().numpy()))
