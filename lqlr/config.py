@@ -24,7 +24,7 @@ GGUF_SUPER_BLOCK = 256
 GGUF_BLOCKS = {k: GGUF_SUPER_BLOCK if k.endswith("_k") else GGUF_BLOCK for k in GGUF_BITS}
 GGUF_GRIDS = tuple(GGUF_BITS)
 # vector codebooks of Q (lqlr.core.e8p): QuIP#'s E8P, 8 weights per 16-bit codeword, bits per weight it supports
-CODEBOOK_BITS = {"e8p": (2,)}
+CODEBOOK_BITS = {"e8p": (2, 3, 4)}  # 2: E8P; 3, 4: E8P + a 1- or 2-bit residual codebook (RVQ)
 CODEBOOK_DIM = 8
 Q_GRIDS = GRIDS + GGUF_GRIDS + tuple(CODEBOOK_BITS)  # Q may also take a llama.cpp block format or a codebook
 

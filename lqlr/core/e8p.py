@@ -171,29 +171,69 @@ def digits_to_index(digits: torch.Tensor) -> torch.Tensor:
     return (digits.to(torch.int64) << shifts).sum(-1)
 
 
+@lru_cache(maxsize=None)
+def _residual_points_cpu() -> torch.Tensor:
+    roots_int = []
+    for i, j in itertools.combinations(range(DIM), 2):  # the 112 integer roots ±e_i ± e_j
+        for si, sj in itertools.product((1.0, -1.0), repeat=2):
+            v = [0.0] * DIM
+            v[i], v[j] = si, sj
+            roots_int.append(v)
+    halves = [v for v in itertools.product((0.5, -0.5), repeat=DIM) if sum(x < 0 for x in v) % 2 == 0]  # 128
+    axes = [[2.0 * s if k == i else 0.0 for k in range(DIM)] for i in range(DIM) for s in (1.0, -1.0)]  # 16
+    points = torch.tensor(roots_int + [list(v) for v in halves] + axes, dtype=torch.float32)
+    assert points.shape == (256, DIM)
+    return points
+
+
+def residual_points(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 1-bit residual codebook of the 3-bit grid (256, 8): E8's 240 roots (norm² 2) and the 16
+    points ±2e_i (norm² 4), all in E8, closed under sign changes and permutations."""
+    return _residual_points_cpu().to(device)
+
+
+def nearest_residual(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest point of :func:`residual_points` to each row of x (n, 8): index (n,), value (n, 8)."""
+    x = x.to(torch.float32)
+    book = residual_points(x.device)
+    b2 = book.pow(2).sum(1)
+    index = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for i in range(0, x.shape[0], chunk):
+        index[i: i + chunk] = (b2[None] - 2 * x[i: i + chunk] @ book.T).argmin(1)  # ‖x − c‖² − ‖x‖²
+    return index, book[index]
+
+
 class E8PGrid(Grid):
-    """Q on the E8P codebook: each row's group of g columns (g a multiple of 8) is its fp16 scale
-    times g/8 codewords; codes are the codewords' 2-bit digits (2 bits per weight)."""
+    """Q on the E8P codebook: each row's group of g columns (g a multiple of 8) is an fp16 scale
+    times g/8 codewords (2 bits per weight). 3 and 4 bits add a residual stage, as QuIP#'s RVQ:
+    Q = s₁·c₁ + s₂·c₂ with c₁ the E8P codeword of x/s₁ and c₂ the nearest point to the residual
+    (x − s₁c₁)/s₂ of a second codebook — the 256-point E8 shell of :func:`residual_points` (8 bits
+    per 8 weights: 3 bits in all) or E8P again (16 bits: 4 in all); s₁, s₂ fp16 per (row, group).
+    A weight's code holds its 2-bit digit of c₁'s index and its 1- or 2-bit digit of c₂'s."""
 
     kind = "e8p"
     dim = DIM
     # fit: scale candidates rms / UNIT_SCALE · f for f in linspace(SHRINK, WIDEN, CANDIDATES), the
-    # per-row one of least squared error kept
+    # per-row one of least squared error kept (the residual stage: RESIDUAL_CANDIDATES over a wider range)
     CANDIDATES = 5
     SHRINK = 0.85
     WIDEN = 1.15
+    RESIDUAL_CANDIDATES = 7
+    RESIDUAL_RANGE = (0.5, 1.5)
 
     def __init__(self, bits: int = 2, group_size: int = 4096) -> None:
-        if int(bits) != 2:
-            raise ValueError(f"grid='e8p' codes 2 bits per weight, got bits={bits}")
+        if int(bits) not in (2, 3, 4):
+            raise ValueError(f"grid='e8p' codes 2, 3 or 4 bits per weight (E8P, + a 1- or 2-bit residual), got bits={bits}")
         if int(group_size) % DIM:
             raise ValueError(f"grid='e8p' encodes {DIM} weights at once: group_size must be a multiple of {DIM}, "
                              f"got {group_size}")
-        super().__init__(2, group_size)
+        super().__init__(int(bits), group_size)
+        self.params_per_group = 1 if self.bits == 2 else 2  # s₁ (and s₂)
+        self.residual_bits = self.bits - 2  # per weight: 0, 1 (the 256-point shell) or 2 (E8P)
 
     @property
     def overhead_bits(self) -> int:
-        return 16  # the fp16 scale
+        return 16 * self.params_per_group  # the fp16 scales
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         rows, g = x.shape
@@ -202,33 +242,77 @@ class E8PGrid(Grid):
                              f"must be a multiple of {DIM}")
         return x.reshape(rows * (g // DIM), DIM)
 
-    def fit(self, x: torch.Tensor) -> GroupParams:
-        """Per-row scale s: min over candidates around rms(x)/UNIT_SCALE of ‖x − s·nearest(x/s)‖²."""
-        x = x.to(torch.float32)
+    def _stage2(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return nearest(z) if self.residual_bits == 2 else nearest_residual(z)
+
+    def _decode2(self, index: torch.Tensor) -> torch.Tensor:
+        return decode_index(index) if self.residual_bits == 2 else residual_points(index.device)[index]
+
+    @staticmethod
+    def _best_scale(x: torch.Tensor, base: torch.Tensor, factors: list[float], quantize) -> torch.Tensor:
+        """Per-row fp16 scale among base·f of least ‖x − s·quantize(x/s)‖²; x (rows, g)."""
         rows, g = x.shape
-        rms = x.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)  # (rows, 1)
-        best_s, best_e = None, None
-        for f in torch.linspace(self.SHRINK, self.WIDEN, self.CANDIDATES).tolist():
-            s = fp16_round(rms / UNIT_SCALE * f).clamp_min(6.2e-5)  # what is stored
-            q = nearest(self._split(x / s))[1].reshape(rows, g) * s
-            e = (x - q).pow(2).sum(1, keepdim=True)
+        best_s = best_e = None
+        for f in factors:
+            s = fp16_round(base * f).clamp_min(6.2e-5)  # what is stored
+            e = (x - quantize(x / s) * s).pow(2).sum(1, keepdim=True)
             if best_s is None:
                 best_s, best_e = s, e
             else:
                 take = e < best_e
                 best_s, best_e = torch.where(take, s, best_s), torch.where(take, e, best_e)
-        return GroupParams(scale=best_s)
+        return best_s
+
+    def fit(self, x: torch.Tensor) -> GroupParams:
+        """Per-row s₁: min over candidates around rms(x)/UNIT_SCALE of ‖x − s₁·nearest(x/s₁)‖²; then
+        s₂ the same on the residual, around rms(residual)/rms(second codebook)."""
+        x = x.to(torch.float32)
+        rows, g = x.shape
+        rms = x.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)  # (rows, 1)
+        first = lambda z: nearest(self._split(z))[1].reshape(rows, g)  # noqa: E731
+        s1 = self._best_scale(x, rms / UNIT_SCALE, torch.linspace(self.SHRINK, self.WIDEN, self.CANDIDATES).tolist(), first)
+        if self.residual_bits == 0:
+            return GroupParams(scale=s1)
+        r = x - first(x / s1) * s1
+        book = decode_index(torch.arange(1 << 16, device=x.device)) if self.residual_bits == 2 else residual_points(x.device)
+        unit = float(book.pow(2).mean().sqrt())  # rms of a codebook coordinate
+        base = r.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12) / unit
+        second = lambda z: self._stage2(self._split(z))[1].reshape(rows, g)  # noqa: E731
+        s2 = self._best_scale(r, base, torch.linspace(*self.RESIDUAL_RANGE, self.RESIDUAL_CANDIDATES).tolist(), second)
+        return GroupParams(scale=torch.cat([s1, s2], dim=1))
+
+    def _indices(self, x: torch.Tensor, p: GroupParams) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Stage indices of x (rows, g) and its rounded value."""
+        rows, g = x.shape
+        x = x.to(torch.float32)
+        s1 = p.scale[:, :1]
+        i1, c1 = nearest(self._split(x / s1))
+        q = c1.reshape(rows, g) * s1
+        if self.residual_bits == 0:
+            return i1, None, q
+        s2 = p.scale[:, 1:2]
+        i2, c2 = self._stage2(self._split((x - q) / s2))
+        return i1, i2, q + c2.reshape(rows, g) * s2
 
     def encode(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
         rows, g = x.shape
-        index = nearest(self._split(x.to(torch.float32) / p.scale))[0]
-        return index_to_digits(index).reshape(rows, g)
+        i1, i2, _ = self._indices(x, p)
+        codes = index_to_digits(i1)  # (n, 8) 2-bit digits of c₁
+        if i2 is not None:
+            b2 = self.residual_bits
+            shifts = b2 * torch.arange(DIM, device=x.device)
+            codes = codes | (((i2[:, None] >> shifts) & ((1 << b2) - 1)).to(torch.uint8) << 2)
+        return codes.reshape(rows, g)
 
     def decode(self, codes: torch.Tensor, p: GroupParams) -> torch.Tensor:
         rows, g = codes.shape
-        index = digits_to_index(self._split(codes))
-        return decode_index(index).reshape(rows, g) * p.scale
+        c = self._split(codes).to(torch.int64)
+        out = decode_index(digits_to_index(c & 3)).reshape(rows, g) * p.scale[:, :1]
+        if self.residual_bits:
+            b2 = self.residual_bits
+            i2 = ((c >> 2) << (b2 * torch.arange(DIM, device=codes.device))).sum(-1)
+            out = out + self._decode2(i2).reshape(rows, g) * p.scale[:, 1:2]
+        return out
 
     def round(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
-        rows, g = x.shape
-        return nearest(self._split(x.to(torch.float32) / p.scale))[1].reshape(rows, g) * p.scale
+        return self._indices(x, p)[2]

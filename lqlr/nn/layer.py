@@ -42,7 +42,7 @@ def _buffer_shapes(prefix: str, spec: dict, rows: int, cols: int) -> dict[str, t
     """Names, shapes and dtypes of the stored tensors of one (rows, cols) matrix."""
     if spec["kind"] == FP16:
         return {f"{prefix}_weight": ((rows, cols), torch.float16)}
-    per_group = _grid(spec).params_per_group if spec["kind"] in GGUF_GRIDS else 1  # k-quants: d and the sub-scales
+    per_group = _grid(spec).params_per_group  # k-quants: d and the sub-scales; E8P with a residual: s₁, s₂
     params = n_groups(cols, spec["group_size"]) * per_group
     out = {f"{prefix}_codes": ((packed_nbytes(rows * cols, spec["bits"]),), torch.uint8),
            f"{prefix}_scale": ((rows, params), torch.float16)}

@@ -25,7 +25,9 @@ PACKED_KINDS = ("fp16", "uniform", "nf", "e8p")  # grid kinds the compiled kerne
 def unpacked_kinds(layer) -> list[str]:
     """The grid kinds of ``layer``'s stored matrices that the compiled kernel cannot read."""
     prefixes = ("q", "l", "r") if layer.rank > 0 else ("q",)
-    return [layer.spec[p]["kind"] for p in prefixes if layer.spec[p]["kind"] not in PACKED_KINDS]
+    return [layer.spec[p]["kind"] + ("" if layer.spec[p]["kind"] != "e8p" else f"{layer.spec[p]['bits']}")
+            for p in prefixes if layer.spec[p]["kind"] not in PACKED_KINDS
+            or (layer.spec[p]["kind"] == "e8p" and int(layer.spec[p]["bits"]) != 2)]  # E8P with a residual: not yet
 
 
 def packed_matrix(ext: ModuleType, layer, prefix: str, rows: int, cols: int):
