@@ -100,6 +100,7 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
     inv_d = (1.0 / torch.diagonal(U)).tolist()  # 1 / U_ii, as Python floats for the hot loop
     Wt = W.T.contiguous()  # (in, rows): column i of W is the contiguous row Wt[i]
     Qt = torch.empty(cols, rows, dtype=torch.float32, device=T.device)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=T.device) if d > 1 else None  # vector grids: kept
     fitted: list = []  # GroupParams of each group, in column order
     total = torch.zeros((), dtype=torch.float64, device=T.device)
     p = None
@@ -124,7 +125,9 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
                 W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # feed the error forward in-block
                 Err1[i] = err
             else:  # block LDLQ: d columns on one codeword per row, their error fed back through U_bb⁻¹
-                q = grid.round(W1[i : i + d].T, p).T  # (d, rows) nearest codewords
+                c = grid.encode(W1[i : i + d].T, p)  # (rows, d) codes of the nearest codewords
+                codes[:, col : col + d] = c
+                q = grid.decode(c, p).T  # (d, rows)
                 Qt[col : col + d] = q
                 Ubb = U1[i : i + d, i : i + d]
                 # Z = U_bb⁻ᵀ (W_b − Q_b)ᵀ: the block's error in the coordinates where it is independent
@@ -141,5 +144,7 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
     Q = Q.contiguous()
     scale = torch.cat([f.scale for f in fitted], dim=1)  # (rows, n_groups)
     zero = torch.cat([f.zero for f in fitted], dim=1) if fitted[0].zero is not None else None
-    qt = QuantizedTensor(codes=encode_groups(Q, grid, fitted), scale=scale, zero=zero, grid=grid)
+    if codes is None:  # scalar grids: the codes of the rounded values
+        codes = encode_groups(Q, grid, fitted)
+    qt = QuantizedTensor(codes=codes, scale=scale, zero=zero, grid=grid)
     return Rounded(qt=qt, Q=Q, damped_error=float(total))
