@@ -31,7 +31,8 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 
 import lqlr
-from lqlr.config import CompressConfig
+from lqlr.config import BudgetConfig, CompressConfig
+from lqlr.budget.plan import make_plan
 from lqlr.engine.blocks import compress_model
 from lqlr.io.export import qlr_modules, save_compressed
 from lqlr.io.gguf import export_gguf
@@ -164,12 +165,14 @@ def _random_llama(hidden=64, ffn=192, layers=5, heads=8, kv_heads=4, ctx=512, ep
     return model
 
 
-def _export(model, out: Path, tokenizer, untouched: str = "float16", **qlr) -> Path:
+def _export(model, out: Path, tokenizer, untouched: str = "float16", overrides=(), **qlr) -> Path:
     """``model`` compressed in place (Q on a GGUF grid, no rotation; one outer iteration: the test is about
-    the files, not the fit) and exported to ``out``."""
+    the files, not the fit; ``overrides``: budget.overrides rules) and exported to ``out``."""
     calib = torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(0))
-    cfg = CompressConfig(qlr=lqlr.QLRConfig(iters=1, lr_iters=1, incoherence=False, **{"group_size": 32, **qlr}))
-    reports = compress_model(model, calib, cfg, progress=False)
+    cfg = CompressConfig(qlr=lqlr.QLRConfig(iters=1, lr_iters=1, incoherence=False, **{"group_size": 32, **qlr}),
+                         budget=BudgetConfig(overrides=list(overrides)))
+    plan = make_plan(model, cfg.qlr, cfg.budget, progress=False)
+    reports = compress_model(model, calib, cfg, plan=plan, progress=False)
     return save_compressed(model, out, source={"model": out.name}, reports=reports, tokenizer=tokenizer,
                            untouched_dtype=untouched)
 
@@ -326,7 +329,7 @@ def test_stories260k_with_fallback_logits_match(stories, story):
 
 
 K_MODEL = dict(hidden=256, ffn=512, layers=2, heads=4, kv_heads=2, ctx=128)
-K_GRIDS = {"q4_k": 4, "q5_k": 5, "q6_k": 6}
+K_GRIDS = {"q2_k": 2, "q4_k": 4, "q5_k": 5, "q6_k": 6}
 
 
 def test_stories_256_is_stories260k(story):
@@ -340,18 +343,34 @@ def test_stories_256_is_stories260k(story):
 @needs_llama_cpp
 @pytest.mark.parametrize("grid", list(K_GRIDS))
 def test_stories260k_k_quant_logits_match(grid, story, tok, tmp_path):
-    """stories260K padded to 256 wide on Q4_K, Q5_K, Q6_K with rank-8 L, R: 30 linears in super-blocks, the five
+    """stories260K padded to 256 wide on Q2_K, Q4_K, Q5_K, Q6_K with rank-8 L, R: 30 linears in super-blocks, the five
     o_proj (rows of 64) in the f16 fallback; with lora.gguf against Q + L·R, without it against Q alone."""
     export = _export(_stories_256(), tmp_path / grid, tok, grid=grid, bq=K_GRIDS[grid], group_size=256, rank=8)
     files = _files(export, tmp_path / "gguf")
     record = files["record"]
     assert sorted(record["fallbacks"]) == [f"model.layers.{i}.self_attn.o_proj" for i in range(5)]
     assert all("not a multiple of 256" in why for why in record["fallbacks"].values())
-    want = {"q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S", "q6_k": "MOSTLY_Q6_K"}[grid]
+    want = {"q2_k": "MOSTLY_Q2_K", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S", "q6_k": "MOSTLY_Q6_K"}[grid]
     assert record["model"]["file_type"] == want
     _check_blocks(load(export), files)
     _compare(f"stories260K-256 {grid} Q+LR", load(export), files, story, lora=True)
     _compare(f"stories260K-256 {grid} Q", _q_only(load(export)), files, story, lora=False)
+
+
+@needs_llama_cpp
+def test_q4_k_m_mix_logits_match(story, tok, tmp_path):
+    """llama.cpp's Q4_K_M mix: Q4_K, with v_proj and down_proj on Q6_K (budget.overrides): one model.gguf with
+    both types (MOSTLY_Q4_K_M), each tensor decoded by ggml as lqlr's Q."""
+    q6 = {"grid": "q6_k", "bq": 6, "group_size": 256}
+    export = _export(_stories_256(), tmp_path / "q4_k_m", tok, grid="q4_k", bq=4, group_size=256, rank=8,
+                     overrides=[{"match": ["v_proj", "down_proj"], **q6}])
+    files = _files(export, tmp_path / "gguf")
+    types = {e["source"].rsplit(".", 2)[-2]: e["type"] for e in files["record"]["model"]["tensors"]
+             if e["source"].startswith("model.layers.0.")}
+    assert types["v_proj"] == types["down_proj"] == "q6_k" and types["q_proj"] == types["gate_proj"] == "q4_k"
+    assert files["record"]["model"]["file_type"] == "MOSTLY_Q4_K_M"
+    _check_blocks(load(export), files)
+    _compare("stories260K-256 Q4_K_M mix Q+LR", load(export), files, story, lora=True)
 
 
 RANDOM = {  # name -> (model kwargs, export kwargs)

@@ -300,6 +300,7 @@ class KQuantGrid(Grid):
     sub = 32  # weights per sub-block
     affine = True
     code_lo, code_hi = 0, 63  # range of the sub-block scale (and min) codes
+    SCALE_BITS = 6  # bits of each sub-block scale (and min) code
     offset = 0  # level q = c − offset
     # llama.cpp's make_qkx2_quants search (rmin, rdelta, nstep)
     QKX2 = (-1.0, 0.1, 20)
@@ -325,7 +326,7 @@ class KQuantGrid(Grid):
 
     @property
     def scale_bits(self) -> int:
-        return 6 if self.affine else 8
+        return self.SCALE_BITS
 
     @property
     def overhead_bits(self) -> int:
@@ -456,19 +457,29 @@ def _nearest(t: torch.Tensor) -> torch.Tensor:
 
 
 class _AffineKGrid(KQuantGrid):
-    """Q4_K and Q5_K: 8 sub-blocks of 32, x = d·sc_j·q − dmin·m_j with 6-bit sc_j, m_j."""
+    """Q4_K and Q5_K: 8 sub-blocks of 32, x = d·sc_j·q − dmin·m_j with 6-bit sc_j, m_j (Q2_K: 16 of 16, 4-bit)."""
+
+    WEIGHTS = "rms"  # make_qkx2_quants' weights in llama.cpp's reference: av_x + |x| ("rms") or |x| ("abs")
+    USE_MAD = False  # ... and its error: squared, or absolute (Q2_K)
 
     def _targets(self, X: torch.Tensor, weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """make_qkx2_quants per sub-block: (scale s_j, min μ_j ≥ 0), each (rows, n_sub); ``weighted``: with
-        llama.cpp's weights av_x + |x| (quantize_row_q*_K_ref), else all 1 (plain squared error). Its float32
-        arithmetic in its order (sums element by element: its choice between near-equal steps follows them)."""
+        """make_qkx2_quants per sub-block: (scale s_j, min μ_j ≥ 0), each (rows, n_sub); ``weighted``: as
+        quantize_row_q*_K_ref calls it (weights av_x + |x|, or |x| and absolute errors for Q2_K), else all
+        weights 1 and squared errors. Its float32 arithmetic in its order (sums element by element: its choice
+        between near-equal steps follows them)."""
         nmax = float(self.q_hi)
         rmin, rdelta, nstep = self.QKX2
-        if weighted:
+        mad = weighted and self.USE_MAD
+        if weighted and self.WEIGHTS == "abs":
+            w = X.abs()
+        elif weighted:
             av_x = torch.sqrt(_seq_sum(X * X) / 32.0)[..., None]
             w = av_x + X.abs()
         else:
             w = torch.ones_like(X)
+
+        def err(t: torch.Tensor) -> torch.Tensor:
+            return t.abs() if mad else t.pow(2)
         xmin = X.min(dim=2, keepdim=True).values.clamp(max=0.0)
         xmax = X.max(dim=2, keepdim=True).values
         flat = xmax == xmin
@@ -477,7 +488,7 @@ class _AffineKGrid(KQuantGrid):
         iscale = _rdiv(nmax, rng)
         scale = _rdiv(1.0, iscale)
         L = _nearest(iscale * (X - xmin)).clamp(0, nmax)
-        best = _seq_sum(w * (scale * L + xmin - X).pow(2))[..., None]
+        best = _seq_sum(w * err(scale * L + xmin - X))[..., None]
         best_scale, best_min = scale, xmin
         for i in range(nstep + 1):  # llama.cpp's min moves to each better fit's: later steps start from it
             step = float(np.float32(np.float32(rmin) + np.float32(rdelta) * np.float32(i)) + np.float32(nmax))
@@ -494,7 +505,7 @@ class _AffineKGrid(KQuantGrid):
             pos = this_min > 0
             this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
             this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
-            cur = _seq_sum(w * (this_scale * L + this_min - X).pow(2))[..., None]
+            cur = _seq_sum(w * err(this_scale * L + this_min - X))[..., None]
             better = ok & (cur < best)
             best = torch.where(better, cur, best)
             best_scale = torch.where(better, this_scale, best_scale)
@@ -509,18 +520,33 @@ class _AffineKGrid(KQuantGrid):
             max_scale = S.max(dim=1, keepdim=True).values.clamp(min=0.0)
             max_min = Mu.max(dim=1, keepdim=True).values.clamp(min=0.0)
             for f in self.D_FACTORS:
+                top = float(self.code_hi)  # 63 (Q2_K: 15)
                 if f == 1.0:  # llama.cpp's: codes nearest_int(63/max · s_j), d = fp16(max/63)
-                    inv_s = torch.where(max_scale > 0, _rdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
-                    inv_m = torch.where(max_min > 0, _rdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
-                    sc = _nearest(inv_s * S).clamp(0, 63)
-                    m = _nearest(inv_m * Mu).clamp(0, 63)
-                    d, dmin = _fp16_param(max_scale / 63.0), _fp16_param(max_min / 63.0)
+                    inv_s = torch.where(max_scale > 0, _rdiv(top, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
+                    inv_m = torch.where(max_min > 0, _rdiv(top, torch.where(max_min > 0, max_min, 1.0)), 0.0)
+                    sc = _nearest(inv_s * S).clamp(0, top)
+                    m = _nearest(inv_m * Mu).clamp(0, top)
+                    d, dmin = _fp16_param(max_scale / top), _fp16_param(max_min / top)
                 else:
-                    d, dmin = _fp16_param(f * max_scale / 63.0), _fp16_param(f * max_min / 63.0)
-                    sc = _nearest(S / torch.where(d > 0, d, 1.0)).clamp(0, 63) * (d > 0)
-                    m = _nearest(Mu / torch.where(dmin > 0, dmin, 1.0)).clamp(0, 63) * (dmin > 0)
+                    d, dmin = _fp16_param(f * max_scale / top), _fp16_param(f * max_min / top)
+                    sc = _nearest(S / torch.where(d > 0, d, 1.0)).clamp(0, top) * (d > 0)
+                    m = _nearest(Mu / torch.where(dmin > 0, dmin, 1.0)).clamp(0, top) * (dmin > 0)
                 out.append((d, sc, dmin, m))
         return out
+
+
+class Q2_KGrid(_AffineKGrid):
+    """Q2_K: x = d·sc_j·c − dmin·m_j, c ∈ [0, 3], 16 sub-blocks of 16 with 4-bit sc_j, m_j; 84 bytes per 256
+    weights (2.625 bits)."""
+
+    kind = "q2_k"
+    bits_fixed = 2
+    sub = 16
+    code_hi = 15
+    SCALE_BITS = 4
+    QKX2 = (-0.5, 0.1, 15)
+    WEIGHTS = "abs"
+    USE_MAD = True
 
 
 class Q4_KGrid(_AffineKGrid):
@@ -547,6 +573,7 @@ class Q6_KGrid(KQuantGrid):
     sub = 16
     affine = False
     code_lo, code_hi = -128, 127
+    SCALE_BITS = 8
     offset = 32
 
     def _targets(self, X: torch.Tensor, weighted: bool) -> torch.Tensor:
@@ -593,7 +620,7 @@ class Q6_KGrid(KQuantGrid):
         return out
 
 
-K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q4_KGrid, Q5_KGrid, Q6_KGrid)}
+K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q2_KGrid, Q4_KGrid, Q5_KGrid, Q6_KGrid)}
 GGUF_GRIDS.update(K_GRIDS)
 
 assert {k: g.bits_fixed for k, g in GGUF_GRIDS.items()} == GGUF_BITS, "lqlr.config.GGUF_BITS and the grids disagree"

@@ -17,6 +17,7 @@ raw_dtype=ggml_type(kind))`` writes and ``gguf.quants.dequantize`` reads.
 The k-quants store a row in super-blocks of 256 weights (``block_q4_K`` etc. in ggml-common.h), with L_i the
 code of weight i of the super-block and sc_j, m_j the codes of sub-block j:
 
+    Q2_K  scales[16] | qs[64] | d:f16 | dmin:f16                84 bytes
     Q4_K  d:f16 | dmin:f16 | scales[12] | qs[128]              144 bytes
     Q5_K  d:f16 | dmin:f16 | scales[12] | qh[32] | qs[128]     176 bytes
     Q6_K  ql[128] | qh[64] | scales[16] int8 | d:f16           210 bytes
@@ -27,7 +28,8 @@ Q4_K/Q5_K: the eight 6-bit (sc_j, m_j) pack as get_scale_min_k4 reads them: scal
 Q5_K's qh[l] has bit 2c = bit 4 of L_{64c+l} and bit 2c+1 = bit 4 of L_{64c+32+l}. Q6_K: in each half h of 128,
 with a, b, c, e = L_{128h+l}, L_{128h+32+l}, L_{128h+64+l}, L_{128h+96+l} (l < 32): ql[64h+l] = a & 15 |
 (c & 15) << 4, ql[64h+32+l] = b & 15 | (e & 15) << 4, qh[32h+l] = a >> 4 | (b >> 4) << 2 | (c >> 4) << 4 |
-(e >> 4) << 6; scales[j] is the int8 sc_j of sub-block j (16 weights).
+(e >> 4) << 6; scales[j] is the int8 sc_j of sub-block j (16 weights). Q2_K: scales[j] = sc_j | m_j << 4 (16
+sub-blocks of 16), qs[32h+l] = a | b << 2 | c << 4 | e << 6 with a, b, c, e as for Q6_K.
 """
 from __future__ import annotations
 
@@ -147,7 +149,14 @@ def _k_bytes(qt: QuantizedTensor, size: int) -> np.ndarray:
     scale = qt.scale.reshape(rows, nb, 1 + ns)
     d = _fp16_bytes(scale[..., 0], "super-block scales d")
     sc = _codes_of(scale[..., 1:], grid.code_lo, grid.code_hi, "sub-block scales")
-    if grid.affine:  # Q4_K, Q5_K
+    if grid.bits == 2:  # Q2_K
+        zero = qt.zero.reshape(rows, nb, 1 + ns)
+        dmin = _fp16_bytes(zero[..., 0], "super-block mins dmin")
+        lm = _codes_of(zero[..., 1:], 0, grid.code_hi, "sub-block mins").astype(np.uint8)
+        Lq = L.reshape(rows, nb, 2, 4, 32)  # (half h, quarter, l)
+        qs = Lq[..., 0, :] | (Lq[..., 1, :] << 2) | (Lq[..., 2, :] << 4) | (Lq[..., 3, :] << 6)
+        parts = [sc.astype(np.uint8) | (lm << 4), qs.reshape(rows, nb, 64), d, dmin]
+    elif grid.affine:  # Q4_K, Q5_K
         zero = qt.zero.reshape(rows, nb, 1 + ns)
         dmin = _fp16_bytes(zero[..., 0], "super-block mins dmin")
         ls, lm = sc.astype(np.uint8), _codes_of(zero[..., 1:], 0, grid.code_hi, "sub-block mins").astype(np.uint8)
@@ -180,7 +189,13 @@ def _k_tensor(b: np.ndarray, grid: KQuantGrid, device: torch.device | str) -> Qu
         return np.ascontiguousarray(b[..., at:at + 2]).view("<f2").reshape(rows, nb, 1).astype(np.float32)
 
     zero = None
-    if grid.affine:
+    if grid.bits == 2:  # Q2_K
+        sc, qs = b[..., :16], b[..., 16:80].reshape(rows, nb, 2, 1, 32)
+        L = (qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # (rows, nb, half, quarter, l)
+        scale = np.concatenate([fp16(80), (sc & 0xF).astype(np.float32)], axis=2)
+        zero = np.concatenate([fp16(82), (sc >> 4).astype(np.float32)], axis=2)
+        zero = torch.from_numpy(zero.reshape(rows, -1)).to(device)
+    elif grid.affine:
         d, dmin, q = fp16(0), fp16(2), b[..., 4:16]
         ls = np.concatenate([q[..., :4] & 63, (q[..., 8:] & 0xF) | ((q[..., :4] >> 6) << 4)], axis=2)
         lm = np.concatenate([q[..., 4:8] & 63, (q[..., 8:] >> 4) | ((q[..., 4:8] >> 6) << 4)], axis=2)
