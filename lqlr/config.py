@@ -18,8 +18,8 @@ from lqlr.util.devices import check_device
 GRIDS = ("uniform", "nf")  # grids of Q, L and R
 # llama.cpp's block formats and their code bits (lqlr.core.gguf_grids implements them): the 32-weight blocks
 # and the k-quants' 256-weight super-blocks; GGUF_BLOCKS[kind] is the format's group_size
-GGUF_BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "iq4_nl": 4, "q2_k": 2, "q4_k": 4, "q5_k": 5,
-             "q6_k": 6}
+GGUF_BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "iq4_nl": 4, "q2_k": 2, "q3_k": 3, "q4_k": 4,
+             "q5_k": 5, "q6_k": 6}
 GGUF_BLOCK = 32
 GGUF_SUPER_BLOCK = 256
 GGUF_BLOCKS = {k: GGUF_SUPER_BLOCK if k.endswith("_k") else GGUF_BLOCK for k in GGUF_BITS}

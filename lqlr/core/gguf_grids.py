@@ -611,16 +611,57 @@ class Q6_KGrid(KQuantGrid):
             none = max_scale.abs() < GROUP_MAX_EPS
             ms = torch.where(none, torch.ones_like(max_scale), max_scale)
             for f in self.D_FACTORS:
-                iscale = _rdiv(-128.0, f * ms)  # llama.cpp's (f = 1): d = fp16(1/iscale), sc = min(127, nint(iscale·s))
+                # llama.cpp's (f = 1): d = fp16(1/iscale), sc = min(127, nint(iscale·s)) (Q3_K: −32 and [−32, 31])
+                iscale = _rdiv(float(self.code_lo), f * ms)
                 d = torch.where(none, 0.0, _fp16_param(_rdiv(1.0, iscale)))
-                sc = torch.where(none, 0.0, _nearest(iscale * S).clamp(max=127.0))
+                sc = torch.where(none, 0.0, _nearest(iscale * S).clamp(self.code_lo, self.code_hi))
                 if f != 1.0:
-                    sc = torch.where(d != 0, _nearest(S / torch.where(d != 0, d, 1.0)), 0.0).clamp(-128, 127)
+                    sc = torch.where(d != 0, _nearest(S / torch.where(d != 0, d, 1.0)), 0.0).clamp(self.code_lo,
+                                                                                                   self.code_hi)
                 out.append((d, sc, None, None))
         return out
 
 
-K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q2_KGrid, Q4_KGrid, Q5_KGrid, Q6_KGrid)}
+class Q3_KGrid(Q6_KGrid):
+    """Q3_K: x = d·sc_j·(c − 4), c ∈ [0, 7], 16 sub-blocks of 16 with 6-bit signed sc_j ∈ [−32, 31]; 110 bytes
+    per 256 weights (3.4375 bits)."""
+
+    kind = "q3_k"
+    bits_fixed = 3
+    code_lo, code_hi = -32, 31
+    SCALE_BITS = 6
+    offset = 4
+
+    def _targets(self, X: torch.Tensor, weighted: bool) -> torch.Tensor:
+        """make_q3_quants(16, 4, x, L, true) per sub-block, the signed scale s_j (rows, n_sub): levels
+        nearest −4/max · x, then up to 5 passes that move one level at a time where Σ w x l)² / Σ w l² grows,
+        with llama.cpp's weights w = x² (``weighted``) or all 1; its float32 arithmetic in its order."""
+        nmax = 4.0
+        w = X * X if weighted else torch.ones_like(X)
+        amax, idx = X.abs().max(dim=2, keepdim=True)
+        mx = X.gather(2, idx)
+        zero = amax < GROUP_MAX_EPS
+        mx = torch.where(zero, torch.ones_like(mx), mx)
+        L = _nearest(_rdiv(-nmax, mx) * X).clamp(-nmax, nmax - 1)  # (rows, n_sub, 16)
+        wx = w * X
+        sumlx, suml2 = _seq_sum(wx * L), _seq_sum(w * L * L)  # (rows, n_sub)
+        for _ in range(5):  # a pass without a change leaves everything as it is: no early exit needed
+            for i in range(X.shape[2]):
+                xi, wi, wxi, li = X[..., i], w[..., i], wx[..., i], L[..., i]
+                slx = sumlx - wxi * li
+                sl2 = suml2 - wi * li * li
+                pos = slx > 0
+                new = _nearest(xi * sl2 / torch.where(pos, slx, torch.ones_like(slx))).clamp(-nmax, nmax - 1)
+                slx_n, sl2_n = slx + wxi * new, sl2 + wi * new * new
+                take = pos & (new != li) & (sl2_n > 0) & (slx_n * slx_n * suml2 > sumlx * sumlx * sl2_n)
+                L[..., i] = torch.where(take, new, li)
+                sumlx = torch.where(take, slx_n, sumlx)
+                suml2 = torch.where(take, sl2_n, suml2)
+        scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), 0.0)
+        return torch.where(zero[..., 0], torch.zeros_like(scale), scale)
+
+
+K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q2_KGrid, Q3_KGrid, Q4_KGrid, Q5_KGrid, Q6_KGrid)}
 GGUF_GRIDS.update(K_GRIDS)
 
 assert {k: g.bits_fixed for k, g in GGUF_GRIDS.items()} == GGUF_BITS, "lqlr.config.GGUF_BITS and the grids disagree"

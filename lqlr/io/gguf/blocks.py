@@ -18,6 +18,7 @@ The k-quants store a row in super-blocks of 256 weights (``block_q4_K`` etc. in 
 code of weight i of the super-block and sc_j, m_j the codes of sub-block j:
 
     Q2_K  scales[16] | qs[64] | d:f16 | dmin:f16                84 bytes
+    Q3_K  hmask[32] | qs[64] | scales[12] | d:f16               110 bytes
     Q4_K  d:f16 | dmin:f16 | scales[12] | qs[128]              144 bytes
     Q5_K  d:f16 | dmin:f16 | scales[12] | qh[32] | qs[128]     176 bytes
     Q6_K  ql[128] | qh[64] | scales[16] int8 | d:f16           210 bytes
@@ -29,7 +30,9 @@ Q5_K's qh[l] has bit 2c = bit 4 of L_{64c+l} and bit 2c+1 = bit 4 of L_{64c+32+l
 with a, b, c, e = L_{128h+l}, L_{128h+32+l}, L_{128h+64+l}, L_{128h+96+l} (l < 32): ql[64h+l] = a & 15 |
 (c & 15) << 4, ql[64h+32+l] = b & 15 | (e & 15) << 4, qh[32h+l] = a >> 4 | (b >> 4) << 2 | (c >> 4) << 4 |
 (e >> 4) << 6; scales[j] is the int8 sc_j of sub-block j (16 weights). Q2_K: scales[j] = sc_j | m_j << 4 (16
-sub-blocks of 16), qs[32h+l] = a | b << 2 | c << 4 | e << 6 with a, b, c, e as for Q6_K.
+sub-blocks of 16), qs[32h+l] = a | b << 2 | c << 4 | e << 6 with a, b, c, e as for Q6_K. Q3_K: qs as Q2_K's
+with the low two bits of each code, bit k of hmask[m] = bit 2 of L_{32k+m}, and the 6-bit u_j = sc_j + 32 in
+scales[j] (low nibble, j < 8), scales[j−8] (high nibble, j ≥ 8) and bits 2(j/4) of scales[8 + j%4] (top two).
 """
 from __future__ import annotations
 
@@ -170,6 +173,17 @@ def _k_bytes(qt: QuantizedTensor, size: int) -> np.ndarray:
             qh = (((Lc >> 4) & 1) << shift[..., None]).sum(axis=(2, 3), dtype=np.uint8)  # (rows, nb, 32)
             parts.append(qh)
         parts.append(qs)
+    elif grid.bits == 3:  # Q3_K
+        hi = ((L >> 2) & 1).reshape(rows, nb, 8, 32)  # bit 2 of weight 32k + m: bit k of hmask[m]
+        hmask = (hi << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2, dtype=np.uint8)
+        Lq = (L & 3).reshape(rows, nb, 2, 4, 32)
+        qs = Lq[..., 0, :] | (Lq[..., 1, :] << 2) | (Lq[..., 2, :] << 4) | (Lq[..., 3, :] << 6)
+        ls = (sc + 32).astype(np.uint8)  # (rows, nb, 16) 6-bit
+        low, high = ls & 0xF, ls >> 4
+        scales = np.concatenate([low[..., :8] | (low[..., 8:] << 4),
+                                 high[..., 0:4] | (high[..., 4:8] << 2) | (high[..., 8:12] << 4) | (high[..., 12:] << 6)],
+                                axis=2)  # (rows, nb, 12)
+        parts = [hmask, qs.reshape(rows, nb, 64), scales, d]
     else:  # Q6_K
         Lq = L.reshape(rows, nb, 2, 4, 32)  # (half h, quarter, l)
         lo, hi = Lq & 0xF, Lq >> 4
@@ -210,6 +224,15 @@ def _k_tensor(b: np.ndarray, grid: KQuantGrid, device: torch.device | str) -> Qu
             L = L | (((qh[..., None, None, :] >> shift[..., None]) & 1) << 4)
         scale = np.concatenate([d, ls.astype(np.float32)], axis=2)
         zero = torch.from_numpy(np.concatenate([dmin, lm.astype(np.float32)], axis=2).reshape(rows, -1)).to(device)
+    elif grid.bits == 3:  # Q3_K
+        hmask, qs, q = b[..., :32], b[..., 32:96].reshape(rows, nb, 2, 1, 32), b[..., 96:108]
+        low = (qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # (rows, nb, half, quarter, l)
+        hi = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # (rows, nb, 8, 32)
+        L = low.reshape(rows, nb, QK_K) | (hi.reshape(rows, nb, QK_K) << 2)
+        ls_low = np.concatenate([q[..., :8] & 0xF, q[..., :8] >> 4], axis=2)  # (rows, nb, 16)
+        ls_high = (q[..., 8:12][..., None, :] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # (.., j//4, j%4)
+        ls = ls_low | (ls_high.reshape(rows, nb, 16) << 4)
+        scale = np.concatenate([fp16(108), ls.astype(np.float32) - 32], axis=2)
     else:
         ql = b[..., :128].reshape(rows, nb, 2, 2, 32)  # (half, first/second 32, l)
         qh = b[..., 128:192].reshape(rows, nb, 2, 1, 32)

@@ -152,6 +152,7 @@ def file_type(types: list[str]) -> gguf.LlamaFileType:
     best = max(dict.fromkeys(types), key=types.count)
     if best == "f32":
         return gguf.LlamaFileType.ALL_F32
-    if best in ("q4_k", "q5_k"):  # llama.cpp's names: _M where some tensors are Q6_K (its Q4_K_M mix), else _S
-        return gguf.LlamaFileType[f"MOSTLY_{best.upper()}_{'M' if 'q6_k' in types else 'S'}"]
+    if best in ("q3_k", "q4_k", "q5_k"):  # llama.cpp's names: _M where some tensors are wider k-quants (its
+        wider = {"q3_k": ("q4_k", "q5_k", "q6_k"), "q4_k": ("q6_k",), "q5_k": ("q6_k",)}[best]  # Q4_K_M mix), else _S
+        return gguf.LlamaFileType[f"MOSTLY_{best.upper()}_{'M' if any(t in types for t in wider) else 'S'}"]
     return gguf.LlamaFileType[f"MOSTLY_{best.upper()}"]
