@@ -374,6 +374,15 @@ def ggml(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
+@pytest.fixture(scope="module")
+def ggml_or_none(request):
+    """The ``ggml`` library, or None where it cannot be built (the gguf-py checks of a test still run)."""
+    try:
+        return request.getfixturevalue("ggml")
+    except pytest.skip.Exception:
+        return None
+
+
 def _ggml_quantize(ggml, kind: str, W: torch.Tensor) -> np.ndarray:
     """ggml's quantize_row_<kind>_ref of every row of W: the blocks as uint8 (rows, bytes)."""
     import ctypes
@@ -422,9 +431,9 @@ def test_k_quant_bits_and_group_size(kind):
 
 @pytest.mark.parametrize("name", ["gauss", "heavy", "special"])
 @pytest.mark.parametrize("kind", K_KINDS)
-def test_k_quant_bytes_decode_exactly(kind, name, ggml):
-    """lqlr's bytes decode, in gguf-py and in ggml's own dequantize_row_*, to lqlr's Q bit for bit (signed zeros
-    included), and read back to the same codes, scales and bytes."""
+def test_k_quant_bytes_decode_exactly(kind, name, ggml_or_none):
+    """lqlr's bytes decode, in gguf-py and in ggml's own dequantize_row_* (where it is built), to lqlr's Q bit for
+    bit (signed zeros included), and read back to the same codes, scales and bytes."""
     W = _matrix(name, rows=48, cols=512)
     if name == "special":  # zero-padded rows (a model padded to 256 wide), either sign of the absmax
         W[8:12, 64:256] = 0.0
@@ -435,7 +444,8 @@ def test_k_quant_bytes_decode_exactly(kind, name, ggml):
     assert data.dtype == np.uint8 and data.shape == (48, 2 * K_BYTES[kind]) and data.size * 8 == qt.storage_bits()
     Q = qt.dequantize().numpy()
     np.testing.assert_array_equal(_bits(dequantize(data, ggml_type(kind))), _bits(Q))
-    np.testing.assert_array_equal(_bits(_ggml_dequantize(ggml, kind, data, Q.shape)), _bits(Q))
+    if ggml_or_none is not None:
+        np.testing.assert_array_equal(_bits(_ggml_dequantize(ggml_or_none, kind, data, Q.shape)), _bits(Q))
     if name == "special":
         assert not Q[0].any() and not Q[1, 32:64].any()  # a zero row, a zero sub-block stay zero
         codes = qt.scale.reshape(48, 2, -1)[..., 1:].numpy()  # the sub-block scale codes of both super-blocks
@@ -447,9 +457,9 @@ def test_k_quant_bytes_decode_exactly(kind, name, ggml):
 
 
 @pytest.mark.parametrize("kind", K_KINDS)
-def test_k_quant_foreign_bytes_decode_like_ggml(kind, ggml):
-    """Any super-block bytes (finite fp16 d, dmin) decode as ggml and gguf-py decode them and write back unchanged;
-    and ggml's own quantizer's bytes load with the values ggml gives them."""
+def test_k_quant_foreign_bytes_decode_like_ggml(kind, ggml_or_none):
+    """Any super-block bytes (finite fp16 d, dmin) decode as gguf-py (and ggml, where built) decode them and write
+    back unchanged; and ggml's own quantizer's bytes load with the values ggml gives them."""
     gen = np.random.default_rng(0)
     size = K_BYTES[kind]
     data = gen.integers(0, 256, size=(8, 3 * size), dtype=np.uint8)
@@ -459,9 +469,12 @@ def test_k_quant_foreign_bytes_decode_like_ggml(kind, ggml):
     blocks[..., at:at + 2 * n] = (gen.standard_normal((8, 3, n)) * 0.01).astype("<f2").view(np.uint8)
     qt = from_gguf_bytes(data, (8, 768), kind)
     Q = qt.dequantize().numpy()
-    np.testing.assert_array_equal(_bits(_ggml_dequantize(ggml, kind, data, Q.shape)), _bits(Q))
     np.testing.assert_array_equal(_bits(dequantize(data, ggml_type(kind))), _bits(Q))
     np.testing.assert_array_equal(to_gguf_bytes(qt), data)
+    ggml = ggml_or_none
+    if ggml is None:
+        return
+    np.testing.assert_array_equal(_bits(_ggml_dequantize(ggml, kind, data, Q.shape)), _bits(Q))
     W = _matrix("heavy", rows=16, cols=512, seed=3)
     ref = _ggml_quantize(ggml, kind, W)
     np.testing.assert_array_equal(_bits(from_gguf_bytes(ref, (16, 512), kind).dequantize().numpy()),
