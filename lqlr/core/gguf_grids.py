@@ -1,4 +1,5 @@
-"""llama.cpp's 32-weight block formats as lqlr grids: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL.
+"""llama.cpp's block formats as lqlr grids: the 32-weight blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL,
+and the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K on super-blocks of 256 (:class:`KQuantGrid`, at the end).
 
 Each ggml block holds 32 consecutive weights of a row (one group, ``group_size = 32``) and one or
 two fp16 parameters. With c the stored code and q = level[c] its integer level, a block decodes as
@@ -283,13 +284,14 @@ class KQuantGrid(Grid):
     """A ggml k-quant: a super-block of 256 weights (one group), n_sub sub-blocks of ``sub`` weights.
 
     Sub-block j has the effective scale s_j = d·sc_j (fp16 d, integer code sc_j) and, for the affine types,
-    the effective min μ_j = dmin·m_j; a weight with level q decodes as s_j·q − μ_j (Q4_K, Q5_K: q = c ∈
-    [0, 2^b − 1], sc_j, m_j 6-bit) or s_j·q (Q6_K: q = c − 32, sc_j int8), the float32 arithmetic of ggml's
-    ``dequantize_row_q*_K`` (every product there is exact in float32, so its order or an FMA cannot change it).
+    the effective min μ_j = dmin·m_j; a weight with level q decodes as s_j·q − μ_j (Q2_K, Q4_K, Q5_K: q = c ∈
+    [0, 2^b − 1], sc_j, m_j 4- or 6-bit) or s_j·q (Q3_K: q = c − 4, sc_j 6-bit signed; Q6_K: q = c − 32, sc_j
+    int8), the float32 arithmetic of ggml's ``dequantize_row_q*_K`` (every product there is exact in float32, so
+    its order or an FMA cannot change it).
 
     Fitting (min Σ (x − x̂)² per super-block, x̂ decoded from the stored values): sub-block targets (s_j, μ_j)
-    from llama.cpp's reference search (``make_qkx2_quants`` with its weights, or ``make_qx_quants``) and from
-    the same search unweighted; d (and dmin) from the largest target (llama.cpp's choice) and a few smaller
+    from llama.cpp's reference search (``make_qkx2_quants`` with its weights, ``make_q3_quants`` or
+    ``make_qx_quants``, ported float32 operation by operation) and from the same search unweighted; d (and dmin) from the largest target (llama.cpp's choice) and a few smaller
     ones, the codes sc_j, m_j rounded (llama.cpp's ``nearest_int(63/max · s_j)`` for its own d); then each
     sub-block's codes move by ±1 where that lowers its error (given d, dmin the sub-blocks are independent).
     llama.cpp's reference result is one of the candidates, so a super-block is never worse than it.
