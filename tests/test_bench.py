@@ -42,3 +42,25 @@ def test_cli_quick_run_writes_json_and_table(tmp_path):
     for r in data["records"]:
         assert {"section", "method", "bits_per_param", "error"} <= r.keys()
     assert (tmp_path / "distortion_quick.md").read_text().startswith("### iid Gaussian")
+
+
+def test_inference_bench_times_a_given_export(stories_export, tmp_path):
+    """``lqlr-bench inference --path``: an fp32 row for the export's source model, then the export with
+    the packed kernel on every compressed linear; its bits are the manifest's."""
+    import json
+
+    from lqlr.bench.inference import run_paths
+    from lqlr.nn.kernels import extension
+
+    records = run_paths([str(stories_export)], tmp_path / "work", new_tokens=4, prompt_len=16, repeats=1,
+                        progress=False)
+    assert [r["kernel"] for r in records] == ["fp32", "auto"]
+    manifest = json.loads((stories_export / "manifest.json").read_text())
+    assert records[1]["bits_per_param"] == manifest["summary"]["bits_per_param"]
+    used = records[1]["kernels_used"]
+    assert sum(used.values()) == len(manifest["modules"])
+    if extension() is not None:
+        assert used == {"packed": len(manifest["modules"])}
+    assert all(r["decode_tok_s"] > 0 for r in records)
+    with pytest.raises(ValueError, match="not a folder"):
+        run_paths([str(tmp_path / "missing")], tmp_path / "work")

@@ -46,16 +46,23 @@ def _inference(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     models = ("stories260k",) if args.quick else tuple(args.models)
-    records = I.run(models, tuple(args.bits), Path(args.work_dir), new_tokens=args.new_tokens,
-                    prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
-                    reference=not args.skip_reference)
+    if args.path:
+        try:
+            records = I.run_paths(args.path, Path(args.work_dir), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+                                  repeats=args.repeats, threads=args.threads, kernel=args.kernel)
+        except ValueError as err:
+            raise SystemExit(f"lqlr-bench inference: {err}") from None
+    else:
+        records = I.run(models, tuple(args.bits), Path(args.work_dir), new_tokens=args.new_tokens,
+                        prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
+                        reference=not args.skip_reference)
     from lqlr.nn.kernels import extension
 
     ext = extension()
     meta = dict(command="lqlr-bench inference " + " ".join(sys.argv[2:]), torch=torch.__version__,
                 threads=records[0]["threads"] if records else None, machine=platform.machine(),
                 processor=platform.processor(), extension=getattr(ext, "simd", None), wall_s=time.perf_counter() - t0)
-    name = "inference_quick" if args.quick else "inference"
+    name = args.name or ("inference_quick" if args.quick else "inference")
     write_results(Path(args.out), name, records, I.markdown(records), meta)
 
 
@@ -93,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "lqlr" / "bench-inference"),
                    help="where the fp32 copies and compressed exports are made once and reused")
     p.add_argument("--quick", action="store_true", help="stories260K only")
+    p.add_argument("--path", nargs="+", default=None,
+                   help="time these exports instead (against their source model in fp32); --models/--bits are ignored")
+    p.add_argument("--kernel", default="auto", help="kernel of the --path exports (auto, packed, reference, dense-*)")
+    p.add_argument("--name", default=None, help="results file name (default: inference, or inference_quick)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
     p = sub.add_parser("proxy", help="Spearman of the allocator's cost proxy against full decompositions (SmolLM2)")
     p.add_argument("--model", default="smollm2-135m")

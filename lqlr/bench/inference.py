@@ -252,6 +252,39 @@ def run(models: tuple[str, ...], bits: tuple[float, ...], work: Path, new_tokens
     return records
 
 
+def run_paths(paths: list[str], work: Path, new_tokens: int = 64, prompt_len: int = 512, repeats: int = 3,
+              threads: int | None = None, kernel: str = "auto", progress: bool = True) -> list[dict]:
+    """Time given exports (``lqlr-bench inference --path``) against their source model in fp32: one
+    fp32 row per source model (its name from the export's manifest), then one row per export with
+    ``kernel`` (``auto``: the packed kernel where it reads the layers' grids)."""
+    from lqlr.bench.load import check_export
+    from lqlr.nn.kernels import check_kernel, extension
+
+    check_kernel(kernel)
+    extension()
+    records, seen = [], set()
+    for p in paths:
+        manifest = check_export(p)  # one-line error when p is not an export
+        model = (manifest.get("source") or {}).get("model") or "smollm2-135m"
+        bits = float(manifest["summary"]["bits_per_param"])
+        specs = []
+        if model not in seen:
+            seen.add(model)
+            specs.append({"model": model, "name": "fp32 (uncompressed)", "bits": None, "kernel": "fp32", "peft": False,
+                          "path": str(fp32_dir(model, work))})
+        specs.append({"model": model, "name": f"{Path(p).name} ({kernel})", "bits": bits, "kernel": kernel,
+                      "peft": False, "path": str(Path(p).resolve())})
+        for spec in specs:
+            spec.update(threads=threads, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+            rec = run_worker(spec)
+            rec["path"] = Path(p).name if spec["bits"] is not None else None
+            if progress:
+                print(f"{model:14s} {spec['name']:30s} decode {rec['decode_tok_s']:8.1f} tok/s  "
+                      f"prefill {rec['prefill_tok_s']:8.1f} tok/s  kernels {rec['kernels_used']}", flush=True)
+            records.append(rec)
+    return records
+
+
 def _has_factors(path: Path) -> bool:
     manifest = json.loads((path / "manifest.json").read_text())
     return any(int(e["spec"].get("rank", 0)) > 0 for e in manifest["modules"].values())
