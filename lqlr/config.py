@@ -158,7 +158,8 @@ class Menu:
     used to estimate each option's cost. ``incoherence``: None keeps the method's setting for every
     matrix; ``[False, True]`` decomposes each matrix both ways and lets the allocator pick.
     ``cost_rows``: the Q step of each cost estimate runs on this many sampled rows of a matrix
-    (None: all rows, exact; see :mod:`lqlr.core.estimate`)."""
+    (None: all rows, exact; see :mod:`lqlr.core.estimate`). ``grid``: None keeps the method's grid of Q;
+    a list (e.g. ``[uniform, e8p]``) offers each, with the BQ and groups each can take."""
 
     bq: list[int] = field(default_factory=lambda: [2, 3, 4])
     rank: list[int] = field(default_factory=lambda: [0, 16, 64])
@@ -167,9 +168,14 @@ class Menu:
     iters: int = 1
     incoherence: Optional[list[bool]] = None
     cost_rows: Optional[int] = 256
+    grid: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
-        for name in ("bq", "rank", "group_size", "factor_bits", *(("incoherence",) if self.incoherence is not None else ())):
+        if self.grid is not None:
+            bad = [g for g in self.grid if g not in Q_GRIDS]
+            _check(not bad, f"budget.menu.grid has {bad}: choose among {Q_GRIDS}")
+        for name in ("bq", "rank", "group_size", "factor_bits", *(("incoherence",) if self.incoherence is not None else ()),
+                     *(("grid",) if self.grid is not None else ())):
             _check(bool(getattr(self, name)), f"budget.menu.{name} is empty: give at least one value")
         _check(self.iters >= 1, f"budget.menu.iters={self.iters}: need at least one outer iteration")
         _check(self.cost_rows is None or self.cost_rows >= 1,
@@ -178,19 +184,22 @@ class Menu:
     def options(self, base: QLRConfig, out_features: int, in_features: int) -> list[QLRConfig]:
         """Distinct valid configurations for an (out × in) matrix, built on ``base`` (grids, incoherence…)."""
         seen, out = set(), []
-        base = base.for_matrix(out_features, in_features)
         rotations = [bool(r) for r in self.incoherence] if self.incoherence is not None else [base.incoherence]
-        for bq, k, g, fb, rot in itertools.product(self.bq, self.rank, self.group_size, self.factor_bits, rotations):
+        grids = self.grid if self.grid is not None else [base.grid]
+        for grid, bq, k, g, fb, rot in itertools.product(grids, self.bq, self.rank, self.group_size, self.factor_bits,
+                                                         rotations):
             k = min(k, out_features, in_features)
             g = min(g, in_features)  # a group wider than the row is the whole row
-            if base.grid in GGUF_GRIDS:  # the format fixes BQ and the group: options differ in rank only
-                bq, g = base.bq, base.group_size
-            key = (bq, k, g, fb if k else None, rot)
-            if key in seen or (base.grid == "nf" and bq > 4) or (base.grid in CODEBOOK_BITS and (
-                    bq not in CODEBOOK_BITS[base.grid] or g % CODEBOOK_DIM)):
+            if grid in GGUF_GRIDS:  # the format fixes BQ and the group: options differ in rank only
+                bq, g = (base.bq, base.group_size) if base.grid == grid else (GGUF_BITS[grid], GGUF_BLOCKS[grid])
+            if grid in CODEBOOK_BITS and in_features % CODEBOOK_DIM:
+                grid = "uniform"  # as QLRConfig.for_matrix: this width cannot take the codebook
+            key = (grid, bq, k, g, fb if k else None, rot)
+            if key in seen or (grid == "nf" and bq > 4) or (grid in CODEBOOK_BITS and (
+                    bq not in CODEBOOK_BITS[grid] or g % CODEBOOK_DIM)):
                 continue
             seen.add(key)
-            out.append(replace(base, bq=bq, rank=k, group_size=g, bl=fb, br=fb, iters=self.iters if k else 1,
+            out.append(replace(base, grid=grid, bq=bq, rank=k, group_size=g, bl=fb, br=fb, iters=self.iters if k else 1,
                                incoherence=rot))
         return out
 

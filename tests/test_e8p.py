@@ -284,3 +284,17 @@ def test_rvq_layer_stores_and_computes(tmp_path) -> None:
         fresh.load_state_dict(layer.state_dict())
         assert torch.equal(fresh(x), layer(x))
     assert resolve("auto", layer) == "reference"
+
+
+def test_menu_offers_the_codebook_beside_the_scalar_grid() -> None:
+    from lqlr.config import Menu, QLRConfig
+
+    menu = Menu(grid=["uniform", "e8p"], bq=[2, 3], rank=[0, 16], group_size=[64, 256])
+    opts = menu.options(QLRConfig(incoherence=True), 576, 1536)
+    kinds = {(o.grid, o.bq, o.group_size, o.rank) for o in opts}
+    assert len(opts) == len(kinds) == 16  # 2 grids × 2 BQ × 2 groups × 2 ranks, all valid configs
+    assert ("e8p", 2, 256, 16) in kinds and ("uniform", 3, 64, 0) in kinds
+    narrow = menu.options(QLRConfig(), 64, 172)  # 172 is not a multiple of 8: the codebook options become uniform
+    assert {o.grid for o in narrow} == {"uniform"} and len(narrow) == 8
+    with pytest.raises(ValueError, match="menu.grid"):
+        Menu(grid=["e8"])
