@@ -151,3 +151,22 @@ def test_seeded_sweeps_go_to_their_own_folder_with_the_seed_overrides(tmp_path, 
     assert "seed=0,3" in cmd and "data.seed=${seed}" in cmd
     run_sweeps("stories260k", tmp_path, only=[0])
     assert f"hydra.sweep.dir={tmp_path / 'sweep0'}" in calls[1] and not any(a.startswith("seed=") for a in calls[1])
+
+
+def test_add_runs_puts_finished_runs_into_a_results_file(tmp_path):
+    import json
+
+    from lqlr.bench.quality import add_runs
+
+    old = [dict(model="m", method="lqlr_e8p", label="x", budget_bits=2.5, bits_per_param=2.49, ppl=99.0, kl=1.0),
+           dict(model="m", method="gptq", label="g", budget_bits=2.5, bits_per_param=2.56, ppl=170.0, kl=1.9)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps(dict(model="m", method="lqlr_e8p", budget_bits=2.5, bits_per_param=2.493,
+                                                     ppl=50.0, kl=0.7, config={"method": {"grid": "e8p"}})))
+    records, added = add_runs(old, [run])
+    assert added == ["m lqlr_e8p 2.5"] and len(records) == 2
+    new = next(r for r in records if r["method"] == "lqlr_e8p")
+    assert new["ppl"] == 50.0 and new["label"].startswith("lqlr E8P") and new["method_config"]["grid"] == "e8p"
+    with pytest.raises(ValueError, match="no result.json"):
+        add_runs(old, [tmp_path / "nothing"])

@@ -4,6 +4,7 @@
     lqlr-bench distortion --quick    # a small run for a fresh install (about a minute)
     lqlr-bench quality               # ppl/KL vs bits against the peers (Hydra multirun sweeps); hours on 2 cores
     lqlr-bench quality --from-json results/quality.json   # table and plot again from the JSON
+    lqlr-bench quality --from-json results/quality.json --add RUN_DIR...   # put finished runs in
     lqlr-bench proxy                 # does the allocator's cheap cost rank options like full decompositions?
     lqlr-bench scale                 # 7B/8B/70B shapes, lazily, block by block (synthetic checkpoints)
     lqlr-bench scale --quick         # a tiny shape for a fresh install (about a minute)
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="run every point once per seed (rotations and calibration sample); writes quality_seeds.*")
     q.add_argument("--collect-only", action="store_true", help="only gather the result.json files under --work-dir")
     q.add_argument("--from-json", default=None, help="rewrite the table and plot from a quality JSON")
+    q.add_argument("--add", nargs="+", default=None,
+                   help="with --from-json: put these finished runs (folders or result.json) into it, replacing the "
+                        "same model, method and budget")
     q.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run, e.g. eval.max_windows=8")
     q.add_argument("--out", default="results", help="output folder (default: results)")
     p = sub.add_parser("inference", help="decode/prefill tokens/s, memory and load time: fp32 vs packed vs dense vs PEFT")
@@ -178,7 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.bench == "quality":
         from lqlr.bench.quality import main_args
 
-        main_args(args)
+        if args.add and not args.from_json:
+            parser.error("--add puts runs into an existing results file: give it with --from-json")
+        try:
+            main_args(args)
+        except ValueError as err:
+            parser.error(str(err))
 
 
 if __name__ == "__main__":

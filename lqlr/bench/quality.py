@@ -34,7 +34,7 @@ BUDGETS = (2.25, 2.5, 3.0, 4.0)
 # cheap methods get extra budgets so their curves show their natural settings (e.g. 3- and 4-bit with groups)
 DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.0, 4.25)
 SEEDS_DIR = "seeds"  # runs of `--seeds` live in <work-dir>/<model>/seeds/, apart from the single-seed sweep
-OURS = ("lqlr", "lqlr-auto", "lqlr-auto-id", "lqlr_q", "caldera")  # lqlr's presets; the rest are baselines
+OURS = ("lqlr", "lqlr-auto", "lqlr-auto-id", "lqlr_q", "lqlr_e8p", "caldera")  # lqlr's presets; the rest are baselines
 
 LABELS = {
     "rtn": "RTN (uniform, groups)", "nf": "RTN (NormalFloat grid)", "gptq": "GPTQ/LDLQ (k = 0)",
@@ -43,6 +43,7 @@ LABELS = {
     "lqlr": "lqlr (Q + L·R, incoherence)", "lqlr-auto": "lqlr, allocator (budget=auto)",
     "lqlr-auto-id": "lqlr, allocator + TwoNN rank prior",
     "lqlr-auto-rot": "lqlr, allocator (budget=auto), rotation chosen per matrix", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
+    "lqlr_e8p": "lqlr E8P (E8P lattice Q + 4-bit L·R, incoherence)",
 }
 
 
@@ -59,7 +60,8 @@ def sweeps(quick: bool = False) -> list[tuple]:
     return [(("lqlr", "lqlr_q", "caldera", "loftq"), BUDGETS), (("gptq", "rtn", "nf", "hqq"), DENSE_BUDGETS),
             (("bnb_nf4",), (4.0,)), (("lqlr",), BUDGETS, ["budget=auto"]),
             (("lqlr",), (2.5, 3.0), ["budget=auto", "budget.prior=intrinsic_dimension"]),
-            (("lqlr",), BUDGETS, ["budget=auto", "budget.menu.incoherence=[false,true]"])]
+            (("lqlr",), BUDGETS, ["budget=auto", "budget.menu.incoherence=[false,true]"]),
+            (("lqlr_e8p",), (2.25, 2.5, 3.0))]
 
 
 def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ...], sweep_dir: Path,
@@ -117,6 +119,27 @@ def record_of(result: dict) -> Record:
         rec["method_config"] = {k: cfg.get(k) for k in ("bq", "rank", "bl", "br", "group_size", "iters", "grid",
                                                          "incoherence", "use_hessian", "hessian_mode")}
     return rec
+
+
+def add_runs(records: list[Record], runs: list[Path]) -> tuple[list[Record], list[str]]:
+    """``records`` with the points of these runs (result.json files or run folders holding one) put in,
+    each replacing a record of the same model, method and budget; ValueError, one line, for a path
+    that is not a finished run."""
+    added, out = [], list(records)
+    for run in runs:
+        path = run / "result.json" if run.is_dir() else run
+        if not path.is_file():
+            raise ValueError(f"{run}: no result.json (a finished lqlr-compress run folder or its result.json)")
+        result = json.loads(path.read_text())
+        if "infeasible" in result or "ppl" not in result:
+            raise ValueError(f"{path} is not a finished, evaluated run (no ppl): run it with eval.enabled=true")
+        rec = record_of(result)
+        same = (rec["model"], rec["method"], rec.get("budget_bits"))
+        out = [r for r in out if (r["model"], r["method"], r.get("budget_bits")) != same]
+        out.append(rec)
+        added.append(f"{rec['model']} {rec['method']} {rec.get('budget_bits')}")
+    out.sort(key=lambda r: (r["model"], r["method"], r["bits_per_param"]))
+    return out, added
 
 
 def collect(work_dir: Path, seeded: bool = False) -> list[Record]:
@@ -312,7 +335,12 @@ def main_args(args) -> None:
     name = ("quality_quick" if args.quick else "quality") + ("_seeds" if seeds else "")
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
-        write(data["records"], out, Path(args.from_json).stem, data["meta"])
+        records, meta = data["records"], data["meta"]
+        if getattr(args, "add", None):
+            records, added = add_runs(records, [Path(p) for p in args.add])
+            meta.setdefault("added", []).append(dict(command="lqlr-bench " + " ".join(getattr(args, "argv", sys.argv[1:])),
+                                                     runs=added))
+        write(records, out, Path(args.from_json).stem, meta)
         return
     work = Path(args.work_dir)
     t0 = time.perf_counter()
