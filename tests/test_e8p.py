@@ -298,3 +298,11 @@ def test_menu_offers_the_codebook_beside_the_scalar_grid() -> None:
     assert {o.grid for o in narrow} == {"uniform"} and len(narrow) == 8
     with pytest.raises(ValueError, match="menu.grid"):
         Menu(grid=["e8"])
+
+
+def test_decompose_takes_the_uniform_grid_where_the_width_is_not_a_multiple_of_8() -> None:
+    import lqlr
+
+    W = torch.randn(64, 172, generator=torch.Generator().manual_seed(11))
+    d = lqlr.decompose(W, None, lqlr.QLRConfig(grid="e8p", bq=2, group_size=64, rank=4, iters=1))
+    assert d.q_codes.grid.kind == "uniform" and d.q_codes.grid.bits == 2

@@ -162,6 +162,8 @@ def decompose(W: torch.Tensor, H: torch.Tensor | None, cfg: QLRConfig | None = N
     :func:`prepare`'s result for this W and H, reused across configurations of one matrix.
     """
     cfg = cfg or QLRConfig()
+    if W.dim() == 2:  # (a wrong shape is reported by prepare) a codebook grid needs a width that is a multiple of its dim
+        cfg = cfg.for_matrix(*W.shape)
     if prepared is None:
         prepared = prepare(W, H, cfg)
     elif prepared.key != prepare_key(cfg) or prepared.W.shape != W.shape:
