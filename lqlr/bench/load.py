@@ -225,6 +225,7 @@ def record(path: str | os.PathLike, loader: str, warmup: str | os.PathLike | Non
            "dtype_requested": dtype, "call": loader_label(loader, dtype),
            **worst, "load_s": min(r["load_s"] for r in runs), "load_s_runs": [r["load_s"] for r in runs],
            "peak_mb_runs": [r["peak_mb"] for r in runs], "factor": factor}
+    rec["warmup"] = Path(warmup).name if warmup else None  # a name: no machine path in the results
     delta = rec["peak_mb"] - rec["baseline_mb"]
     rec["peak_minus_baseline_mb"] = delta
     rec["overhead_stored"] = delta / rec["stored_mb"]
