@@ -55,6 +55,13 @@ def gaussian_records(size: int = 1024, seed: int = 0) -> list[Record]:
             out.append(dict(section="gaussian", method=name, bq=bits, group_size=g,
                             bits_per_param=grid.storage_bits(size, size) / size**2,
                             error=float(((Q - W) ** 2).sum() / (W**2).sum())))
+        if bits == 2:  # QuIP#'s E8P lattice codebook: 8 weights per 16-bit codeword, one fp16 scale per row or group
+            for g, label in ((size, "per-row scale"), (128, "g128")):
+                grid = make_grid("e8p", 2, g)
+                Q = quantize_rtn(W, grid).dequantize()
+                out.append(dict(section="gaussian", method=f"e8p {label}", bq=2, group_size=g,
+                                bits_per_param=grid.storage_bits(size, size) / size**2,
+                                error=float(((Q - W) ** 2).sum() / (W**2).sum())))
         out.append(dict(section="gaussian", method="Lloyd–Max (scalar, optimal)", bq=bits,
                         bits_per_param=float(bits), error=lloyd_max_mse(bits)))
         out.append(dict(section="gaussian", method="limit 2^(-2R)", bq=bits,
@@ -71,12 +78,15 @@ def method_grid(ranks: tuple[int, int], iters: int, group_size: int = 64) -> lis
         rows.append((f"RTN {b}-bit", replace(base, bq=b), False))
         rows.append((f"LDLQ {b}-bit", replace(base, bq=b), True))
     rows.append(("LDLQ 2-bit + incoherence", replace(base, bq=2, incoherence=True), True))
+    e8p = replace(base, grid="e8p", bq=2, group_size=4096, incoherence=True)  # one fp16 scale per row
+    rows.append(("LDLQ E8P + incoherence", e8p, True))
     for k in (k1, k2):
         rows.append((f"LoftQ-style 2-bit k={k} fp16 (H=I)",
                      replace(base, bq=2, rank=k, bl=16, br=16, order="q_first", iters=min(iters, 5)), False))
         rows.append((f"Q+LR 2-bit k={k} L,R 4-bit", replace(base, bq=2, rank=k, bl=4, br=4), True))
     rows.append((f"Q+LR 2-bit k={k1} L,R 4-bit + incoherence",
                  replace(base, bq=2, rank=k1, bl=4, br=4, incoherence=True), True))
+    rows.append((f"Q+LR E8P k={k1} L,R 4-bit + incoherence", replace(e8p, rank=k1, bl=4, br=4), True))
     rows.append((f"Q+LR 2-bit k={k1} fp16 factors", replace(base, bq=2, rank=k1, bl=16, br=16), True))
     rows.append((f"Q+LR 3-bit k={k1} L,R 4-bit", replace(base, bq=3, rank=k1, bl=4, br=4), True))
     return rows
