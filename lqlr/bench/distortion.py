@@ -55,13 +55,15 @@ def gaussian_records(size: int = 1024, seed: int = 0) -> list[Record]:
             out.append(dict(section="gaussian", method=name, bq=bits, group_size=g,
                             bits_per_param=grid.storage_bits(size, size) / size**2,
                             error=float(((Q - W) ** 2).sum() / (W**2).sum())))
-        if bits == 2:  # QuIP#'s E8P lattice codebook: 8 weights per 16-bit codeword, one fp16 scale per row or group
-            for g, label in ((size, "per-row scale"), (128, "g128")):
-                grid = make_grid("e8p", 2, g)
-                Q = quantize_rtn(W, grid).dequantize()
-                out.append(dict(section="gaussian", method=f"e8p {label}", bq=2, group_size=g,
-                                bits_per_param=grid.storage_bits(size, size) / size**2,
-                                error=float(((Q - W) ** 2).sum() / (W**2).sum())))
+        # QuIP#'s E8P lattice codebook: 8 weights per 16-bit codeword, one fp16 scale per row or group; 3 and 4
+        # bits add a residual codebook (RVQ) and a second scale
+        for g, label in ((size, "per-row scale"), *(((128, "g128"),) if bits == 2 else ())):
+            grid = make_grid("e8p", bits, g)
+            Q = quantize_rtn(W, grid).dequantize()
+            name = "e8p" if bits == 2 else f"e8p + {'E8 shell' if bits == 3 else 'e8p'} residual"
+            out.append(dict(section="gaussian", method=f"{name} {label}", bq=bits, group_size=g,
+                            bits_per_param=grid.storage_bits(size, size) / size**2,
+                            error=float(((Q - W) ** 2).sum() / (W**2).sum())))
         out.append(dict(section="gaussian", method="Lloyd–Max (scalar, optimal)", bq=bits,
                         bits_per_param=float(bits), error=lloyd_max_mse(bits)))
         out.append(dict(section="gaussian", method="limit 2^(-2R)", bq=bits,
