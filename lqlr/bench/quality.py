@@ -338,8 +338,9 @@ def main_args(args) -> None:
         records, meta = data["records"], data["meta"]
         if getattr(args, "add", None):
             records, added = add_runs(records, [Path(p) for p in args.add])
-            meta.setdefault("added", []).append(dict(command="lqlr-bench " + " ".join(getattr(args, "argv", sys.argv[1:])),
-                                                     runs=added))
+            # the runs by what they are (model, method, budget), not by where they were on this machine
+            meta.setdefault("added", []).append(dict(
+                command=f"lqlr-bench quality --from-json {Path(args.from_json).name} --add RUN...", runs=added))
         write(records, out, Path(args.from_json).stem, meta)
         return
     work = Path(args.work_dir)
