@@ -35,7 +35,7 @@ def test_bench_load_measures_both_loaders_in_children(stories_export, tmp_path, 
         assert FIELDS <= r.keys(), FIELDS - r.keys()
         assert r["bits_per_param"] == manifest["summary"]["bits_per_param"] and r["n_qlr_linear"] == 35
         assert r["peak_mb"] >= r["peak_load_mb"] >= r["baseline_mb"] > 0 and r["rss_after_mb"] > 0 and r["load_s"] > 0
-        assert r["warmup"] == str(stories_export) and r["warmup_s"] > 0
+        assert r["warmup"] == stories_export.name and r["warmup_s"] > 0  # by name: no machine path in results
         assert r["dtype"] == "float32" and r["memory_linears_mb"] < r["memory_mb"]
         # untouched tensors stored in 16 bits, held in float32: more in memory than on disk
         assert r["stored_mb"] < r["memory_mb"] < 2 * r["stored_mb"]
