@@ -238,6 +238,13 @@ def nearest_residual(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, 
     return index, book[index]
 
 
+@lru_cache(maxsize=None)
+def _coordinate_rms(residual_bits: int) -> float:
+    """Root mean square of a coordinate over the residual stage's codebook (E8P for 2 bits, the shell for 1)."""
+    book = all_codewords() if residual_bits == 2 else residual_points()
+    return float(book.pow(2).mean().sqrt())
+
+
 class E8PGrid(Grid):
     """Q on the E8P codebook: each row's group of g columns (g a multiple of 8) is an fp16 scale
     times g/8 codewords (2 bits per weight). 3 and 4 bits add a residual stage, as QuIP#'s RVQ:
@@ -311,8 +318,7 @@ class E8PGrid(Grid):
         if self.residual_bits == 0:
             return GroupParams(scale=s1)
         r = x - first(x / s1) * s1
-        book = decode_index(torch.arange(1 << 16, device=x.device)) if self.residual_bits == 2 else residual_points(x.device)
-        unit = float(book.pow(2).mean().sqrt())  # rms of a codebook coordinate
+        unit = _coordinate_rms(self.residual_bits)  # rms of a coordinate of the second codebook
         base = r.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12) / unit
         second = lambda z: self._stage2(self._split(z))[1].reshape(rows, g)  # noqa: E731
         s2 = self._best_scale(r, base, torch.linspace(*self.RESIDUAL_RANGE, self.RESIDUAL_CANDIDATES).tolist(), second)

@@ -45,13 +45,14 @@ def ldlq_plan(Hd: DampedHessian, act_order: bool = False) -> LDLQPlan:
     return LDLQPlan(U=inverse_cholesky_upper(H), perm=perm, damped=Hd)
 
 
-def aligned_block(block_size: int, group_size: int) -> int:
-    """Block size that keeps every group inside one block, or every block inside one group."""
+def aligned_block(block_size: int, group_size: int, dim: int = 1) -> int:
+    """Block size that keeps every group inside one block, or every block inside one group, and is a
+    whole number of ``dim``-column codewords (``group_size`` is a multiple of ``dim``)."""
     if block_size >= group_size:
         return -(-block_size // group_size) * group_size
-    block = block_size
+    block = max(block_size - block_size % dim, dim)
     while group_size % block:
-        block -= 1
+        block -= dim
     return block
 
 
@@ -91,11 +92,9 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
         group_of = (perm // g).tolist()  # group of each visited column
         W = W[:, perm]
     U = plan.U
-    block = aligned_block(block_size, g)
-    if d > 1 and (g % d or block % d):
-        block = aligned_block(-(-block_size // d) * d, g)
-        if g % d or block % d:
-            raise ValueError(f"grid {grid.kind} rounds {d} columns at once: its group size {g} must be a multiple of {d}")
+    if g % d:
+        raise ValueError(f"grid {grid.kind} rounds {d} columns at once: its group size {g} must be a multiple of {d}")
+    block = aligned_block(block_size, g, d)
 
     inv_d = (1.0 / torch.diagonal(U)).tolist()  # 1 / U_ii, as Python floats for the hot loop
     Wt = W.T.contiguous()  # (in, rows): column i of W is the contiguous row Wt[i]
