@@ -24,9 +24,11 @@ GGUF_BLOCK = 32
 GGUF_SUPER_BLOCK = 256
 GGUF_BLOCKS = {k: GGUF_SUPER_BLOCK if k.endswith("_k") else GGUF_BLOCK for k in GGUF_BITS}
 GGUF_GRIDS = tuple(GGUF_BITS)
-# vector codebooks of Q (lqlr.core.e8p): QuIP#'s E8P, 8 weights per 16-bit codeword, bits per weight it supports
-CODEBOOK_BITS = {"e8p": (2, 3, 4)}  # 2: E8P; 3, 4: E8P + a 1- or 2-bit residual codebook (RVQ)
-CODEBOOK_DIM = 8
+# vector codebooks of Q and the bits per weight each supports: QuIP#'s E8P (lqlr.core.e8p; 2: E8P, 3 and 4: E8P +
+# a 1- or 2-bit residual codebook, RVQ) and QTIP's bitshift trellis (lqlr.core.trellis)
+CODEBOOK_BITS = {"e8p": (2, 3, 4), "trellis": (2, 3, 4)}
+CODEBOOK_DIM = {"e8p": 8, "trellis": 16}  # input columns coded together: an E8P codeword, a trellis tile's width
+TRELLIS_STATE_BITS = (4, 20)  # the range of the trellis's state bits L (lqlr.core.trellis.STATE_BITS_RANGE)
 Q_GRIDS = GRIDS + GGUF_GRIDS + tuple(CODEBOOK_BITS)  # Q may also take a llama.cpp block format or a codebook
 
 
@@ -66,7 +68,8 @@ class QLRConfig:
     group_size: int = 64
     iters: int = 20
     seed: int = 0
-    grid: str = "uniform"  # grid of Q: "uniform" (asymmetric, scale + zero), "nf" (NormalFloat), "e8p" or a GGUF type
+    grid: str = "uniform"  # grid of Q: "uniform" (asymmetric, scale + zero), "nf" (NormalFloat), "e8p", "trellis" or a GGUF type
+    trellis_state_bits: int = 12  # grid="trellis": bits L of the trellis state (QTIP: 16; time per weight ∝ 2^L)
     factor_grid: str = "uniform"  # grid of L and R when bl/br < 16
     factor_group_size: Optional[int] = None  # groups of L and R (null: group_size); e.g. 64 beside a per-row E8P Q
     lr_iters: int = 3  # inner alternations of the low-bit L, R fit (stops early when it stalls)
@@ -105,9 +108,15 @@ class QLRConfig:
         if self.grid in CODEBOOK_BITS:
             _check(self.bq in CODEBOOK_BITS[self.grid],
                    f"grid={self.grid!r} codes {CODEBOOK_BITS[self.grid]} bits per weight: set bq to one of them (got bq={self.bq})")
-            _check(self.group_size % CODEBOOK_DIM == 0,
-                   f"grid={self.grid!r} encodes {CODEBOOK_DIM} weights at once: group_size must be a multiple of "
-                   f"{CODEBOOK_DIM} (got {self.group_size}; a group at least as wide as the row means one scale per row)")
+            dim = CODEBOOK_DIM[self.grid]
+            _check(self.group_size % dim == 0,
+                   f"grid={self.grid!r} encodes {dim} columns at once: group_size must be a multiple of "
+                   f"{dim} (got {self.group_size}; a group at least as wide as the row means one scale per row)")
+        lo, hi = TRELLIS_STATE_BITS
+        _check(isinstance(self.trellis_state_bits, int) and lo <= self.trellis_state_bits <= hi
+               and (self.grid != "trellis" or self.trellis_state_bits > self.bq),
+               f"trellis_state_bits={self.trellis_state_bits!r}: an integer from {lo} to {hi}, above bq "
+               "(16 is QTIP's; 10-12 keep a CPU run bounded)")
         _check(self.factor_grid in GRIDS, f"factor_grid={self.factor_grid!r}: choose one of {GRIDS}")
         _check(self.factor_group_size is None or (isinstance(self.factor_group_size, int) and self.factor_group_size >= 1),
                f"factor_group_size={self.factor_group_size!r}: a positive integer such as 64, or null for group_size")
@@ -136,9 +145,9 @@ class QLRConfig:
 
     def for_matrix(self, out_features: int, in_features: int) -> "QLRConfig":
         """This config as an (out × in) matrix can take it: a codebook grid needs the input width to be a
-        multiple of its dimension (8 for E8P), so a narrower-stepped matrix (stories260K's 172-wide
-        down_proj) falls back to the uniform grid at the same BQ and group size."""
-        if self.grid in CODEBOOK_BITS and in_features % CODEBOOK_DIM:
+        multiple of its dimension (8 for E8P, 16 for the trellis), so a narrower-stepped matrix (stories260K's
+        172-wide down_proj) falls back to the uniform grid at the same BQ and group size."""
+        if self.grid in CODEBOOK_BITS and in_features % CODEBOOK_DIM[self.grid]:
             return replace(self, grid="uniform")
         return self
 
@@ -192,11 +201,11 @@ class Menu:
             g = min(g, in_features)  # a group wider than the row is the whole row
             if grid in GGUF_GRIDS:  # the format fixes BQ and the group: options differ in rank only
                 bq, g = (base.bq, base.group_size) if base.grid == grid else (GGUF_BITS[grid], GGUF_BLOCKS[grid])
-            if grid in CODEBOOK_BITS and in_features % CODEBOOK_DIM:
+            if grid in CODEBOOK_BITS and in_features % CODEBOOK_DIM[grid]:
                 grid = "uniform"  # as QLRConfig.for_matrix: this width cannot take the codebook
             key = (grid, bq, k, g, fb if k else None, rot)
             if key in seen or (grid == "nf" and bq > 4) or (grid in CODEBOOK_BITS and (
-                    bq not in CODEBOOK_BITS[grid] or g % CODEBOOK_DIM)):
+                    bq not in CODEBOOK_BITS[grid] or g % CODEBOOK_DIM[grid])):
                 continue
             seen.add(key)
             out.append(replace(base, grid=grid, bq=bq, rank=k, group_size=g, bl=fb, br=fb, iters=self.iters if k else 1,

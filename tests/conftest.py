@@ -15,6 +15,29 @@ def correlated_hessian(n: int, tokens: int = 4096, seed: int = 0) -> torch.Tenso
     return X @ X.T / tokens
 
 
+def block_ldlq_reference(W: torch.Tensor, H: torch.Tensor, grid, d: int | None = None) -> torch.Tensor:
+    """QuIP's LDLQ written from its definition: H = (I + A) D (I + A)ᵀ, A strictly upper block
+    triangular, D block diagonal; Q_b = round(W_b + Σ_{c<b} (W_c − Q_c) A_cb). (I + A) comes from the
+    block LDLᵀ factorisation of H⁻¹ = L D⁻¹ Lᵀ by block elimination (L = (I + A)⁻ᵀ), in float64."""
+    d = d or grid.dim
+    n = H.shape[0]
+    S = torch.linalg.inv(H.double())
+    L = torch.eye(n, dtype=torch.float64)
+    for b in range(0, n, d):
+        Sbb = S[b:b + d, b:b + d]
+        L[b + d:, b:b + d] = S[b + d:, b:b + d] @ torch.linalg.inv(Sbb)
+        S[b + d:, b + d:] -= L[b + d:, b:b + d] @ S[b:b + d, b + d:]
+    A = torch.linalg.inv(L).T - torch.eye(n, dtype=torch.float64)
+    p = grid.fit(W)
+    Q = torch.zeros_like(W, dtype=torch.float64)
+    E = torch.zeros_like(W, dtype=torch.float64)
+    for b in range(0, n, d):
+        target = W[:, b:b + d].double() + E[:, :b] @ A[:b, b:b + d]
+        Q[:, b:b + d] = grid.round(target.float(), p).double()
+        E[:, b:b + d] = W[:, b:b + d].double() - Q[:, b:b + d]
+    return Q.float()
+
+
 @pytest.fixture
 def W_H():
     gen = torch.Generator().manual_seed(1)

@@ -22,7 +22,7 @@ from lqlr.core.grids import QuantizedTensor, quantize_rtn
 from lqlr.core.hessian import regularize
 from lqlr.core.ldlq import ldlq_plan, ldlq_round
 
-from conftest import correlated_hessian
+from conftest import block_ldlq_reference, correlated_hessian
 
 
 @pytest.fixture(scope="module")
@@ -114,28 +114,6 @@ def test_gaussian_distortion_target() -> None:
     assert rel <= 0.092, rel
 
 
-def _block_ldlq_reference(W: torch.Tensor, H: torch.Tensor, grid: E8PGrid, d: int = 8) -> torch.Tensor:
-    """QuIP's LDLQ written from its definition: H = (I + A) D (I + A)ᵀ, A strictly upper block
-    triangular, D block diagonal; Q_b = round(W_b + Σ_{c<b} (W_c − Q_c) A_cb). (I + A) comes from the
-    block LDLᵀ factorisation of H⁻¹ = L D⁻¹ Lᵀ by block elimination (L = (I + A)⁻ᵀ), in float64."""
-    n = H.shape[0]
-    S = torch.linalg.inv(H.double())
-    L = torch.eye(n, dtype=torch.float64)
-    for b in range(0, n, d):
-        Sbb = S[b:b + d, b:b + d]
-        L[b + d:, b:b + d] = S[b + d:, b:b + d] @ torch.linalg.inv(Sbb)
-        S[b + d:, b + d:] -= L[b + d:, b:b + d] @ S[b:b + d, b + d:]
-    A = torch.linalg.inv(L).T - torch.eye(n, dtype=torch.float64)
-    p = grid.fit(W)
-    Q = torch.zeros_like(W, dtype=torch.float64)
-    E = torch.zeros_like(W, dtype=torch.float64)
-    for b in range(0, n, d):
-        target = W[:, b:b + d].double() + E[:, :b] @ A[:b, b:b + d]
-        Q[:, b:b + d] = grid.round(target.float(), p).double()
-        E[:, b:b + d] = W[:, b:b + d].double() - Q[:, b:b + d]
-    return Q.float()
-
-
 def test_block_ldlq_equals_the_ldl_reference() -> None:
     g = torch.Generator().manual_seed(5)
     n = 64
@@ -143,7 +121,7 @@ def test_block_ldlq_equals_the_ldl_reference() -> None:
     Hd = regularize(correlated_hessian(n, seed=5), 0.01)
     grid = E8PGrid(2, 4096)  # one scale per row, fitted on W before any update: both sides agree on it
     got = ldlq_round(W, ldlq_plan(Hd), grid, block_size=16)
-    ref = _block_ldlq_reference(W, Hd.H, grid)
+    ref = block_ldlq_reference(W, Hd.H, grid)
     assert (got.Q == ref).float().mean() > 0.99
     D = (W - got.Q).double()
     exact = float(torch.trace(D @ Hd.H.double() @ D.T))

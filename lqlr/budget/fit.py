@@ -39,7 +39,7 @@ def fit_to_budget(cfg: QLRConfig, out_features: int, in_features: int, bits: flo
     if cfg.rank == 0 and mode == "nearest":
         groups = (cfg.group_size,) if fixed_group else Q_ONLY_GROUPS
         cands = [replace(cfg, bq=bq, group_size=g) for bq in allowed for g in groups
-                 if cfg.grid not in CODEBOOK_BITS or g % CODEBOOK_DIM == 0]
+                 if cfg.grid not in CODEBOOK_BITS or g % CODEBOOK_DIM[cfg.grid] == 0]
         return min(cands, key=lambda c: (abs(bits_per_param(out_features, in_features, c) - bits),
                                          bits_per_param(out_features, in_features, c)))
     if cfg.rank == 0:

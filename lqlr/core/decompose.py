@@ -133,7 +133,7 @@ def round_q(prep: Prepared, T: torch.Tensor, cfg: QLRConfig) -> tuple[Rounded, f
 
     Rows are independent, so T may hold any subset (or a stack) of rows. Returns the rounding and
     its raw objective when that comes for free (None otherwise)."""
-    qgrid = make_grid(cfg.grid, cfg.bq, cfg.group_size, cfg.clip_search)
+    qgrid = make_grid(cfg.grid, cfg.bq, cfg.group_size, cfg.clip_search, cfg.trellis_state_bits)
     r = ldlq_round(T, prep.plan, qgrid, cfg.block_size)
     Hd = prep.Hd
     if cfg.q2n:

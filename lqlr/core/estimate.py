@@ -36,7 +36,7 @@ from lqlr.core.lowrank import Factors
 
 FACTOR_FIELDS = ("rank", "bl", "br", "group_size", "factor_grid", "lr_iters", "damp", "block_size", "clip_search",
                  "svd", "seed")
-ROUND_FIELDS = ("grid", "bq", "group_size", "block_size", "clip_search", "q2n", "q2n_rho")
+ROUND_FIELDS = ("grid", "bq", "group_size", "block_size", "clip_search", "q2n", "q2n_rho", "trellis_state_bits")
 
 
 def sensitivity_weighted_error(E: torch.Tensor, H: torch.Tensor | None, s: torch.Tensor) -> float:

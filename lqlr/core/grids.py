@@ -9,7 +9,8 @@ back. Its parameters are fitted per row and per group of ``group_size`` input co
   N(0, 1) scaled to [−1, 1] with an exact zero, ``s`` the group's fp16 absmax.
 * llama.cpp's block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (:mod:`lqlr.core.gguf_grids`).
 * QuIP#'s E8P lattice codebook (:mod:`lqlr.core.e8p`): ``dim = 8`` consecutive columns per
-  codeword; LDLQ (:mod:`lqlr.core.ldlq`) rounds such grids ``dim`` columns at a time.
+  codeword, and QTIP's bitshift trellis (:mod:`lqlr.core.trellis`): 16 × 16 tiles, ``dim = 16``;
+  LDLQ (:mod:`lqlr.core.ldlq`) rounds such grids ``dim`` columns at a time.
 
 Storage is ``bits`` per weight plus ``overhead_bits`` per (row, group), the one formula
 b + b₀/B₀ of docs/design.md §3.
@@ -174,9 +175,10 @@ class NormalFloatGrid(Grid):
         return self.levels.to(codes.device)[codes.long()] * p.scale
 
 
-def make_grid(kind: str, bits: int, group_size: int, clip_search: bool = True) -> Grid:
-    """Grid by name: ``"uniform"``, ``"nf"`` or a GGUF type (``"q4_0"``, ``"q4_1"``, ``"q5_0"``,
-    ``"q5_1"``, ``"q8_0"``, ``"iq4_nl"``; ``bits`` and ``group_size`` must be the type's own)."""
+def make_grid(kind: str, bits: int, group_size: int, clip_search: bool = True, state_bits: int | None = None) -> Grid:
+    """Grid by name: ``"uniform"``, ``"nf"``, ``"e8p"``, ``"trellis"`` (``state_bits``: its L, None for the
+    default) or a GGUF type (``"q4_0"``, ``"q4_1"``, ``"q5_0"``, ``"q5_1"``, ``"q8_0"``, ``"iq4_nl"``, the
+    k-quants; ``bits`` and ``group_size`` must be the type's own)."""
     # gguf_grids imports this module, so its registry is looked up at call time
     from lqlr.core.gguf_grids import GGUF_GRIDS
 
@@ -190,7 +192,11 @@ def make_grid(kind: str, bits: int, group_size: int, clip_search: bool = True) -
         from lqlr.core.e8p import E8PGrid
 
         return E8PGrid(bits, group_size)
-    raise ValueError(f"unknown grid {kind!r}: choose 'uniform', 'nf', 'e8p' or one of {', '.join(map(repr, GGUF_GRIDS))}")
+    if kind == "trellis":
+        from lqlr.core.trellis import DEFAULT_STATE_BITS, TrellisGrid
+
+        return TrellisGrid(bits, group_size, DEFAULT_STATE_BITS if state_bits is None else state_bits)
+    raise ValueError(f"unknown grid {kind!r}: choose 'uniform', 'nf', 'e8p', 'trellis' or one of {', '.join(map(repr, GGUF_GRIDS))}")
 
 
 def n_groups(cols: int, group_size: int) -> int:

@@ -35,7 +35,7 @@ FP16 = "fp16"
 
 
 def _grid(spec: dict):
-    return make_grid(spec["kind"], spec["bits"], spec["group_size"], clip_search=False)
+    return make_grid(spec["kind"], spec["bits"], spec["group_size"], clip_search=False, state_bits=spec.get("state_bits"))
 
 
 def _buffer_shapes(prefix: str, spec: dict, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
