@@ -91,6 +91,26 @@ def test_free_start_viterbi_equals_brute_force() -> None:
     assert torch.allclose((x - code[got]).pow(2).sum(1), best, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_compiled_viterbi_equals_the_torch_one(k: int) -> None:
+    """The C++ search (trellis_cpu.cpp) against the batched torch one: the same best cost for every
+    sequence, free and constrained (skips where no compiler is available)."""
+    import lqlr.core.trellis as trellis
+
+    if trellis._extension() is None:
+        pytest.skip("the C++ extension cannot be built here")
+    L = 9
+    code = gaussian_code(L)
+    x = torch.randn(12, 96, generator=torch.Generator().manual_seed(k))
+    seam = torch.randint(0, 1 << (L - k), (12,), generator=torch.Generator().manual_seed(1))
+    for overlap in (None, seam):
+        a = viterbi(x, code, k, overlap, compiled=True)
+        b = viterbi(x, code, k, overlap, compiled=False)
+        cost = lambda s: (x - code[s]).pow(2).sum(1)  # noqa: E731
+        assert torch.allclose(cost(a), cost(b), rtol=1e-5)
+        assert (a == b).float().mean() > 0.95  # ties aside, the same path
+
+
 def test_two_pass_tailbiting_is_near_the_exact_optimum() -> None:
     """The two-pass seam choice against the exact tail-biting optimum (every seam tried) on long
     sequences: within 1 % in squared error, and never below it."""

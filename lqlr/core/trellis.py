@@ -17,12 +17,15 @@ matrix whose row count is not a multiple of 16 ends in shorter tiles (16·r weig
 Each row has one fp16 scale per group (a group as wide as the row: one per row). A weight's stored
 code is its digit d_t, so the codes pack at k bits per weight like a k-bit scalar grid.
 
-The cost is 2^L states per weight and two Viterbi passes per sequence (the tail-biting approximation:
-a first pass on the sequence rotated by T/2 fixes the stream's last L − k bits, a second pass is
-constrained to start and end on them). QTIP uses L = 16; on a CPU L = 10 or 12 is the practical
-range (docs/codebooks.md gives distortion and time per L).
+The cost is 2^L states per weight and 1.25 Viterbi passes per sequence (the tail-biting approximation:
+a first pass over the 64 weights around the seam fixes the stream's last L − k bits, a second pass is
+constrained to start and end on them). On a CPU the search is compiled C++ (``trellis_cpu.cpp``, one
+sequence per thread, in cache), elsewhere batched torch. QTIP uses L = 16; on a CPU L = 10 or 12 is
+the practical range (docs/codebooks.md gives distortion and time per L).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -37,6 +40,7 @@ INCREMENT = 76625530
 BYTE_SUM_MEAN = 4 * 255 / 2
 BYTE_SUM_STD = (4 * (256**2 - 1) / 12) ** 0.5
 BACKPOINTER_BYTES = 1 << 27  # Viterbi's back-pointers per batch of sequences (128 MiB)
+SEAM_WINDOW = 64  # the tail-biting seam is read off a first pass over this many weights each side of it
 
 
 def gaussian_code(state_bits: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -47,13 +51,30 @@ def gaussian_code(state_bits: int, device: torch.device | str | None = None) -> 
     return (total.to(torch.float32) - BYTE_SUM_MEAN) / BYTE_SUM_STD
 
 
-def viterbi(x: torch.Tensor, code: torch.Tensor, k: int, overlap: torch.Tensor | None = None) -> torch.Tensor:
+def viterbi(x: torch.Tensor, code: torch.Tensor, k: int, overlap: torch.Tensor | None = None,
+            compiled: bool = True) -> torch.Tensor:
     """States (B, T) int64 minimising Σ_t (x_t − code[s_t])² over bitshift sequences of x (B, T).
 
     s_t = ((s_{t−1} << k) | d_t) mod 2^L, L = log2(len(code)). ``overlap`` (B,) constrains each
     sequence to start and end on it (tail-biting with a known seam): s_0 >> k == overlap and
-    s_{T−1} mod 2^(L−k) == overlap. Without it s_0 is free.
+    s_{T−1} mod 2^(L−k) == overlap. Without it s_0 is free. On a CPU the compiled search
+    (``trellis_cpu.cpp``) runs when it is available and ``compiled``; elsewhere the batched torch one.
     """
+    ext = _extension() if compiled and x.device.type == "cpu" else None
+    if ext is not None:
+        empty = torch.empty(0, dtype=torch.int64)
+        return ext.viterbi(x.to(torch.float32), code.to(torch.float32), k, empty if overlap is None else overlap.cpu())
+    return _viterbi_torch(x, code, k, overlap)
+
+
+def _extension():
+    from lqlr.util.cpp import compiled
+
+    return compiled(Path(__file__).with_name("trellis_cpu.cpp"), "lqlr_trellis")
+
+
+def _viterbi_torch(x: torch.Tensor, code: torch.Tensor, k: int, overlap: torch.Tensor | None) -> torch.Tensor:
+    """:func:`viterbi` in batched torch ops (any device)."""
     B, T = x.shape
     S = code.numel()
     L = S.bit_length() - 1
@@ -84,19 +105,22 @@ def viterbi(x: torch.Tensor, code: torch.Tensor, k: int, overlap: torch.Tensor |
 
 def encode_tailbiting(x: torch.Tensor, code: torch.Tensor, k: int) -> torch.Tensor:
     """Digits (B, T) uint8 of tail-biting streams for the sequences x (B, T), by two Viterbi passes:
-    the first on x rotated by T/2 reads the stream's last L − k bits off its middle (away from the
-    free start), the second is constrained to them at both ends. Needs T·k ≥ L."""
+    the first, unconstrained, runs over the SEAM_WINDOW weights each side of the seam (the end of x, then
+    its start) and reads the stream's last L − k bits off its middle, far from its free start and free end;
+    the second, over all of x, is constrained to them at both ends. Needs T·k ≥ L."""
     B, T = x.shape
     L = code.numel().bit_length() - 1
     if T * k < L or T < 4:
         raise ValueError(f"a trellis sequence of {T} weights at {k} bits cannot hold an {L}-bit state")
     out = torch.empty(B, T, dtype=torch.uint8, device=x.device)
     per_batch = max(1, BACKPOINTER_BYTES // (T << (L - k)))
+    half = T // 2
+    reach = min(half, max(SEAM_WINDOW, 4 * -(-L // k)))  # weights each side of the seam the first pass sees
     for i in range(0, B, per_batch):
         xb = x[i : i + per_batch]
-        half = T // 2
-        rotated = viterbi(torch.roll(xb, -half, dims=1), code, k)  # rotated[u] codes x[(u + T/2) mod T]
-        seam = rotated[:, half - 1] & ((1 << (L - k)) - 1)  # the last L − k bits of the stream
+        # the first pass runs over the seam's neighbourhood only: x[T − reach], ..., x[T − 1], x[0], ..., x[reach − 1]
+        around = torch.roll(xb, reach, dims=1)[:, : 2 * reach]
+        seam = viterbi(around, code, k)[:, reach - 1] & ((1 << (L - k)) - 1)  # the stream's last L − k bits
         out[i : i + per_batch] = (viterbi(xb, code, k, overlap=seam) & ((1 << k) - 1)).to(torch.uint8)
     return out
 
