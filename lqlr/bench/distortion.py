@@ -25,6 +25,7 @@ from lqlr.core.grids import make_grid, quantize_rtn
 from lqlr.core.hessian import h_weighted_error
 
 Record = dict[str, Any]
+TRELLIS_STATES = {2: (8, 10, 12, 16), 3: (12, 16), 4: (12,)}  # the trellis's state bits L measured at each bit width
 
 
 def lloyd_max_mse(bits: int, iters: int = 2000) -> float:
@@ -64,6 +65,15 @@ def gaussian_records(size: int = 1024, seed: int = 0) -> list[Record]:
             out.append(dict(section="gaussian", method=f"{name} {label}", bq=bits, group_size=g,
                             bits_per_param=grid.storage_bits(size, size) / size**2,
                             error=float(((Q - W) ** 2).sum() / (W**2).sum())))
+        # QTIP's bitshift trellis (1MAD code, tail-biting 16 × 16 tiles), one fp16 scale per row, by state bits L
+        for L in TRELLIS_STATES[bits]:
+            grid = make_grid("trellis", bits, size, state_bits=L)
+            t0 = time.perf_counter()
+            Q = quantize_rtn(W, grid).dequantize()
+            out.append(dict(section="gaussian", method=f"trellis L={L} per-row scale", bq=bits, group_size=size,
+                            state_bits=L, time_s=time.perf_counter() - t0,
+                            bits_per_param=grid.storage_bits(size, size) / size**2,
+                            error=float(((Q - W) ** 2).sum() / (W**2).sum())))
         out.append(dict(section="gaussian", method="Lloyd–Max (scalar, optimal)", bq=bits,
                         bits_per_param=float(bits), error=lloyd_max_mse(bits)))
         out.append(dict(section="gaussian", method="limit 2^(-2R)", bq=bits,
@@ -82,6 +92,8 @@ def method_grid(ranks: tuple[int, int], iters: int, group_size: int = 64) -> lis
     rows.append(("LDLQ 2-bit + incoherence", replace(base, bq=2, incoherence=True), True))
     e8p = replace(base, grid="e8p", bq=2, group_size=4096, incoherence=True)  # one fp16 scale per row
     rows.append(("LDLQ E8P + incoherence", e8p, True))
+    trellis = replace(base, grid="trellis", bq=2, group_size=4096, incoherence=True)  # L = 12, one scale per row
+    rows.append(("LDLQ trellis L=12 + incoherence", trellis, True))
     for k in (k1, k2):
         rows.append((f"LoftQ-style 2-bit k={k} fp16 (H=I)",
                      replace(base, bq=2, rank=k, bl=16, br=16, order="q_first", iters=min(iters, 5)), False))
@@ -89,6 +101,8 @@ def method_grid(ranks: tuple[int, int], iters: int, group_size: int = 64) -> lis
     rows.append((f"Q+LR 2-bit k={k1} L,R 4-bit + incoherence",
                  replace(base, bq=2, rank=k1, bl=4, br=4, incoherence=True), True))
     rows.append((f"Q+LR E8P k={k1} L,R 4-bit + incoherence", replace(e8p, rank=k1, bl=4, br=4), True))
+    rows.append((f"Q+LR trellis k={k1} L,R 4-bit + incoherence, T≤5",
+                 replace(trellis, rank=k1, bl=4, br=4, iters=min(iters, 5)), True))
     rows.append((f"Q+LR 2-bit k={k1} fp16 factors", replace(base, bq=2, rank=k1, bl=16, br=16), True))
     rows.append((f"Q+LR 3-bit k={k1} L,R 4-bit", replace(base, bq=3, rank=k1, bl=4, br=4), True))
     return rows
@@ -168,10 +182,11 @@ def summarize_real(records: list[Record]) -> list[Record]:
 def markdown(records: list[Record]) -> str:
     """Markdown tables of a distortion run."""
     lines = ["### iid Gaussian 1024×1024, H = I (relative MSE)", "",
-             "| bits (codes) | method | all-in bits | rel. MSE |", "|---:|---|---:|---:|"]
+             "| bits (codes) | method | all-in bits | rel. MSE | time (s) |", "|---:|---|---:|---:|---:|"]
     for r in records:
         if r["section"] == "gaussian":
-            lines.append(f"| {r['bq']} | {r['method']} | {r['bits_per_param']:.3f} | {r['error']:.4f} |")
+            t = f"{r['time_s']:.1f}" if "time_s" in r else ""
+            lines.append(f"| {r['bq']} | {r['method']} | {r['bits_per_param']:.3f} | {r['error']:.4f} | {t} |")
     for model in sorted({r["model"] for r in records if r["section"] == "real"}):
         rows = [s for s in summarize_real(records) if s["model"] == model]
         lines += ["", f"### {model}: mean tr(EHEᵀ)/tr(WHWᵀ) over {rows[0]['matrices']} matrices, H from WikiText-2 validation", "",
