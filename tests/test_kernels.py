@@ -29,7 +29,9 @@ def _random_qt(rows: int, cols: int, kind: str, bits: int, group: int, seed: int
     codes = torch.randint(0, 2**bits, (rows, cols), generator=gen).to(torch.uint8)
     scale = (torch.rand(rows, ng, generator=gen) + 0.1).to(torch.float16).float()
     zero = torch.randint(0, 2**bits, (rows, ng), generator=gen).float() if kind == "uniform" else None
-    return QuantizedTensor(codes=codes, scale=scale, zero=zero, grid=make_grid(kind, bits, group, clip_search=False))
+    kind, _, state_bits = kind.partition("@")  # "trellis@7": a trellis of 7 state bits
+    grid = make_grid(kind, bits, group, clip_search=False, state_bits=int(state_bits) if state_bits else None)
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, grid=grid)
 
 
 class _Holder:  # the attributes packed_matrix reads from a layer
@@ -44,6 +46,9 @@ CASES = [  # (rows, cols, kind, bits, group): aligned, odd widths, short last gr
     (8, 64, "uniform", 5, 64), (7, 40, "uniform", 6, 16), (5, 56, "uniform", 7, 8), (6, 48, "uniform", 8, 16),
     (4, 24, "uniform", 1, 8), (10, 130, "nf", 4, 64), (11, 64, "nf", 3, 32), (3, 18, "nf", 2, 18),
     (33, 128, "e8p", 2, 64), (9, 96, "e8p", 2, 4096), (5, 40, "e8p", 2, 8),  # E8P: every 16-bit index is a codeword
+    # trellis: every digit stream is a code; full 16-row tiles and a last shorter one, L a multiple of k or not
+    (33, 128, "trellis", 2, 64), (40, 96, "trellis", 3, 4096), (16, 32, "trellis", 4, 16), (7, 48, "trellis@7", 3, 16),
+    (18, 64, "trellis@16", 2, 32),
 ]
 
 
@@ -88,6 +93,7 @@ LAYERS = {
     "nf grids": dict(grid="nf", factor_grid="nf", bq=3),
     "odd dims (3·2^k)": dict(shape=(24, 40), rank=3),
     "e8p q + lr": dict(grid="e8p", bq=2),
+    "trellis q + lr": dict(grid="trellis", bq=2),
 }
 
 

@@ -34,7 +34,7 @@ BUDGETS = (2.25, 2.5, 3.0, 4.0)
 # cheap methods get extra budgets so their curves show their natural settings (e.g. 3- and 4-bit with groups)
 DENSE_BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.0, 4.25)
 SEEDS_DIR = "seeds"  # runs of `--seeds` live in <work-dir>/<model>/seeds/, apart from the single-seed sweep
-OURS = ("lqlr", "lqlr-auto", "lqlr-auto-id", "lqlr_q", "lqlr_e8p", "caldera")  # lqlr's presets; the rest are baselines
+OURS = ("lqlr", "lqlr-auto", "lqlr-auto-id", "lqlr_q", "lqlr_e8p", "lqlr_trellis", "caldera")  # lqlr's presets; the rest are baselines
 
 LABELS = {
     "rtn": "RTN (uniform, groups)", "nf": "RTN (NormalFloat grid)", "gptq": "GPTQ/LDLQ (k = 0)",
@@ -44,6 +44,7 @@ LABELS = {
     "lqlr-auto-id": "lqlr, allocator + TwoNN rank prior",
     "lqlr-auto-rot": "lqlr, allocator (budget=auto), rotation chosen per matrix", "lqlr_q": "lqlr Q-only (k = 0) + incoherence", "reference": "fp32 reference",
     "lqlr_e8p": "lqlr E8P (E8P lattice Q + 4-bit L·R, incoherence)",
+    "lqlr_trellis": "lqlr trellis (QTIP bitshift-trellis Q + 4-bit L·R, incoherence)",
 }
 
 
@@ -61,7 +62,7 @@ def sweeps(quick: bool = False) -> list[tuple]:
             (("bnb_nf4",), (4.0,)), (("lqlr",), BUDGETS, ["budget=auto"]),
             (("lqlr",), (2.5, 3.0), ["budget=auto", "budget.prior=intrinsic_dimension"]),
             (("lqlr",), BUDGETS, ["budget=auto", "budget.menu.incoherence=[false,true]"]),
-            (("lqlr_e8p",), (2.25, 2.5, 3.0))]
+            (("lqlr_e8p", "lqlr_trellis"), (2.25, 2.5, 3.0))]
 
 
 def sweep_command(model: str, methods: tuple[str, ...], budgets: tuple[float, ...], sweep_dir: Path,

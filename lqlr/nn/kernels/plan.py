@@ -12,6 +12,7 @@ import torch
 
 from lqlr.core.e8p import source_points
 from lqlr.core.grids import normal_float_levels
+from lqlr.core.trellis import gaussian_code
 from lqlr.core.incoherence import Rotation, rotation_parts
 
 # at most this many rows of x go through the packed GEMV; more rows (prefill) dequantize a tile
@@ -19,7 +20,7 @@ from lqlr.core.incoherence import Rotation, rotation_parts
 GEMV_MAX_ROWS = 8
 
 
-PACKED_KINDS = ("fp16", "uniform", "nf", "e8p")  # grid kinds the compiled kernel reads (not the GGUF formats yet)
+PACKED_KINDS = ("fp16", "uniform", "nf", "e8p", "trellis")  # grid kinds the compiled kernel reads (not the GGUF formats yet)
 
 
 def unpacked_kinds(layer) -> list[str]:
@@ -39,17 +40,19 @@ def packed_matrix(ext: ModuleType, layer, prefix: str, rows: int, cols: int):
                           rows, cols, 16, cols)
     bits, group = int(spec["bits"]), int(spec["group_size"])
     scale = getattr(layer, f"{prefix}_scale")
-    book = None
+    book = trellis = None
     if spec["kind"] == "uniform":
         zero, lut = getattr(layer, f"{prefix}_zero"), None
     elif spec["kind"] == "nf":
         zero, lut = None, normal_float_levels(bits)
     elif spec["kind"] == "e8p":
         zero, lut, book = None, None, source_points()  # (256, 8): the codebook is computed, not stored
+    elif spec["kind"] == "trellis":
+        zero, lut, trellis = None, None, gaussian_code(int(spec["state_bits"]))  # (2^L,): computed, not stored
     else:
         raise ValueError(f"grid kind {spec['kind']!r} has no packed kernel")
     return ext.Packed(getattr(layer, f"{prefix}_codes"), scale.to(torch.float16).contiguous(), zero, lut,
-                      rows, cols, bits, group, book)
+                      rows, cols, bits, group, book, trellis)
 
 
 def rotation(ext: ModuleType, rot: Rotation):

@@ -13,6 +13,11 @@
 // for coordinates 0..6, coordinate 7's sign the one that makes the count of negatives ≡ parity[a],
 // and ±¼ by idx & 1; the value is s·(±a ± ¼). The GEMV decodes a codeword into 8 lanes (sign bits
 // xor-ed into the floats) and multiplies it by x, with no dense copy.
+// A trellis matrix (lqlr/core/trellis.py) stores one k-bit digit per weight; tiles of 16 rows × 16
+// columns are tail-biting streams read row by row, and weight (o, j)'s value is s·code[state], the state
+// the last L bits of its tile's stream up to its digit. The GEMV rebuilds the state from the previous
+// row's last digits in the tile (cyclically) and this row's 16, one 64-bit load each, and looks up the
+// 2^L-value code table (computed, in cache), again with no dense copy.
 // Incoherence rotations x Vᵀ / y U are fast Walsh–Hadamard transforms per power-of-two block,
 // a small m×m orthogonal mix across blocks, and random signs (lqlr/incoherence.py).
 #include <torch/extension.h>
@@ -39,16 +44,27 @@ struct Packed {
   torch::Tensor zero;   // uint8 bit stream of rows·ng zero points (uniform grid) or undefined
   torch::Tensor lut;    // (2^bits,) float32 levels (NormalFloat) or undefined
   torch::Tensor book;   // (256, 8) float32 E8P source points, or undefined
+  torch::Tensor tcode;  // (2^L,) float32 trellis code values, or undefined
+  int64_t state_bits = 0;  // trellis: L
   std::vector<uint8_t> parity;  // E8P: sum of each source point mod 2
   int64_t rows = 0, cols = 0, bits = 0, group = 0, ng = 0;
 
   Packed(torch::Tensor codes_, torch::Tensor scale_, std::optional<torch::Tensor> zero_,
          std::optional<torch::Tensor> lut_, int64_t rows_, int64_t cols_, int64_t bits_, int64_t group_,
-         std::optional<torch::Tensor> book_)
+         std::optional<torch::Tensor> book_, std::optional<torch::Tensor> trellis_)
       : codes(codes_), scale(scale_), rows(rows_), cols(cols_), bits(bits_), group(group_) {
     if (zero_) zero = *zero_;
     if (lut_) lut = lut_->to(torch::kFloat32).contiguous();
     TORCH_CHECK(bits == 16 || (bits >= 1 && bits <= 8), "packed matrix: bits must be 1-8 or 16, got ", bits);
+    if (trellis_) {
+      tcode = trellis_->to(torch::kFloat32).contiguous();
+      const int64_t S = tcode.numel();
+      TORCH_CHECK(S >= 2 && (S & (S - 1)) == 0, "trellis: the code table must hold 2^L values");
+      state_bits = 63 - __builtin_clzll(static_cast<unsigned long long>(S));
+      TORCH_CHECK(bits >= 2 && bits <= 4 && state_bits > bits && state_bits <= 20 && group % 16 == 0 && cols % 16 == 0
+                  && !zero_ && !lut_ && !book_, "trellis: 2-4 bit digits, L in (bits, 20], groups and rows of whole 16-column "
+                  "tiles, no zero, lut or book");
+    }
     if (book_) {
       book = book_->to(torch::kFloat32).contiguous();
       TORCH_CHECK(book.numel() == 256 * 8, "E8P: the codebook holds 256 source points of 8 coordinates");
@@ -72,7 +88,7 @@ struct Packed {
     ng = (cols + group - 1) / group;
     TORCH_CHECK(scale.scalar_type() == torch::kHalf && scale.is_contiguous() && scale.numel() == rows * ng,
                 "scale must be contiguous fp16 of rows x groups");
-    TORCH_CHECK(book.defined() || zero.defined() != lut.defined(),
+    TORCH_CHECK(book.defined() || tcode.defined() || zero.defined() != lut.defined(),
                 "give exactly one of zero (uniform) and lut (NormalFloat)");
     if (zero.defined())
       TORCH_CHECK(zero.scalar_type() == torch::kUInt8 && zero.is_contiguous() && zero.numel() * 8 >= rows * ng * bits,
@@ -332,6 +348,101 @@ void gemv_dispatch_e8p(const Packed& P, const float* x, int64_t M, float* y) {
   });
 }
 
+// ---- trellis digits --------------------------------------------------------------------------
+struct TrellisCtx {
+  const uint8_t* codes;  // k bits per weight, row-major
+  int64_t nbytes;
+  const float* code;     // (2^L,) values
+  const at::Half* scale; // (rows, ng)
+  int64_t rows, cols, group, ng, full;
+  int bits, m;           // m = ceil(L / k): digits that make up a state
+  uint32_t mask;
+
+  explicit TrellisCtx(const Packed& P)
+      : codes(P.codes.data_ptr<uint8_t>()), nbytes(P.codes.numel()), code(P.tcode.data_ptr<float>()),
+        scale(P.scale.data_ptr<at::Half>()), rows(P.rows), cols(P.cols), group(P.group), ng(P.ng),
+        full(P.rows - P.rows % 16), bits(static_cast<int>(P.bits)),
+        m(static_cast<int>((P.state_bits + P.bits - 1) / P.bits)),
+        mask((1u << P.state_bits) - 1u) {}
+
+  // the row before o in its tile's stream: o − 1, or the tile's last row for its first row
+  int64_t prev_row(int64_t o) const {
+    const int64_t t0 = o < full ? o - o % 16 : full;
+    const int64_t h = o < full ? 16 : rows - full;
+    return o == t0 ? t0 + h - 1 : o - 1;
+  }
+
+  // the 16 digits of row o at columns [j0, j0 + 16) in one word (digit q at bits q·k)
+  uint64_t word(int64_t o, int64_t j0) const { return read64(codes, nbytes, (o * cols + j0) * bits); }
+
+  // unscaled values of row o's weights [j0, j0 + 16) (j0 a multiple of 16)
+  void decode16(int64_t o, int64_t j0, float* v) const {
+    const uint64_t before = word(prev_row(o), j0), here = word(o, j0);
+    const uint32_t dmask = (1u << bits) - 1u;
+    uint32_t s = 0;
+    for (int q = 16 - (m - 1); q < 16; ++q) s = (s << bits) | (static_cast<uint32_t>(before >> (q * bits)) & dmask);
+    for (int q = 0; q < 16; ++q) {
+      s = ((s << bits) | (static_cast<uint32_t>(here >> (q * bits)) & dmask)) & mask;
+      v[q] = code[s];
+    }
+  }
+};
+
+// y[m, o] for o in [r0, r1) and MB rows of x, trellis digits: Σ_g s[o,g] · Σ_{tiles in g} v·x.
+template <int MB>
+void gemv_rows_trellis(const TrellisCtx& c, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  alignas(32) float v[16];
+  for (int64_t o = r0; o < r1; ++o) {
+    float tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = 0.f;
+    for (int64_t g = 0; g < c.ng; ++g) {
+      const int64_t c0 = g * c.group, c1 = std::min(c0 + c.group, c.cols);
+      const float s = half_to_float(c.scale[o * c.ng + g]);
+#if LQLR_AVX2
+      __m256 acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t j = c0; j < c1; j += 16) {
+        c.decode16(o, j, v);
+        const __m256 v0 = _mm256_load_ps(v), v1 = _mm256_load_ps(v + 8);
+        for (int m = 0; m < MB; ++m) {
+          acc[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + m * ldx + j), acc[m]);
+          acc[m] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + m * ldx + j + 8), acc[m]);
+        }
+      }
+      for (int m = 0; m < MB; ++m) tot[m] += s * hsum(acc[m]);
+#else
+      float gt[MB];
+      for (int m = 0; m < MB; ++m) gt[m] = 0.f;
+      for (int64_t j = c0; j < c1; j += 16) {
+        c.decode16(o, j, v);
+        for (int m = 0; m < MB; ++m)
+          for (int q = 0; q < 16; ++q) gt[m] += v[q] * x[m * ldx + j + q];
+      }
+      for (int m = 0; m < MB; ++m) tot[m] += s * gt[m];
+#endif
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + o] = tot[m];
+  }
+}
+
+void gemv_dispatch_trellis(const Packed& P, const float* x, int64_t M, float* y) {
+  const TrellisCtx c(P);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(P.cols * M, 1));
+  at::parallel_for(0, P.rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const float* xm = x + m0 * P.cols;
+      float* ym = y + m0 * P.rows;
+      switch (mb) {
+        case 1: gemv_rows_trellis<1>(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        case 2: gemv_rows_trellis<2>(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        case 3: gemv_rows_trellis<3>(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        default: gemv_rows_trellis<4>(c, xm, P.cols, ym, P.rows, r0, r1); break;
+      }
+    }
+  });
+}
+
 RowCtx ctx_of(const Packed& P) {
   RowCtx c;
   c.codes = P.codes.data_ptr<uint8_t>();
@@ -377,6 +488,21 @@ void dequant_rows(const Packed& P, int64_t r0, int64_t r1, float* out) {
           const float s = half_to_float(c.scale[o * P.ng + j / P.group]);
           c.decode(c.index(o, j), v);
           for (int k = 0; k < 8; ++k) dst[j + k] = v[k] * s;
+        }
+      }
+    });
+    return;
+  }
+  if (P.tcode.defined()) {  // trellis: s · code[state], 16 weights at a time
+    const TrellisCtx c(P);
+    at::parallel_for(r0, r1, std::max<int64_t>(1, 32768 / std::max<int64_t>(P.cols, 1)), [&](int64_t a, int64_t e) {
+      float v[16];
+      for (int64_t o = a; o < e; ++o) {
+        float* dst = out + (o - r0) * P.cols;
+        for (int64_t j = 0; j < P.cols; j += 16) {
+          const float s = half_to_float(c.scale[o * P.ng + j / P.group]);
+          c.decode16(o, j, v);
+          for (int q = 0; q < 16; ++q) dst[j + q] = v[q] * s;
         }
       }
     });
@@ -443,6 +569,10 @@ torch::Tensor matmul(const Packed& P, const torch::Tensor& x, int64_t gemv_max_r
   auto y = torch::empty({M, P.rows}, torch::kFloat32);
   if (P.book.defined()) {
     gemv_dispatch_e8p(P, x.data_ptr<float>(), M, y.data_ptr<float>());
+    return y;
+  }
+  if (P.tcode.defined()) {
+    gemv_dispatch_trellis(P, x.data_ptr<float>(), M, y.data_ptr<float>());
     return y;
   }
   // per-group sums of x for the zero points
@@ -561,9 +691,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("simd") = LQLR_AVX2 ? "avx2" : "portable";
   py::class_<Packed>(m, "Packed")
       .def(py::init<torch::Tensor, torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>, int64_t,
-                    int64_t, int64_t, int64_t, std::optional<torch::Tensor>>(),
+                    int64_t, int64_t, int64_t, std::optional<torch::Tensor>, std::optional<torch::Tensor>>(),
            py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("lut"), py::arg("rows"), py::arg("cols"),
-           py::arg("bits"), py::arg("group"), py::arg("book") = py::none());
+           py::arg("bits"), py::arg("group"), py::arg("book") = py::none(), py::arg("trellis") = py::none());
   py::class_<Rot>(m, "Rot").def(py::init<torch::Tensor, std::optional<torch::Tensor>, int64_t, int64_t, int64_t>(),
                                 py::arg("signs"), py::arg("Om"), py::arg("n"), py::arg("p"), py::arg("m"));
   py::class_<Plan>(m, "Plan")
