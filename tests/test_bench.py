@@ -68,3 +68,20 @@ def test_inference_bench_times_a_given_export(stories_export, tmp_path):
     assert all(r["decode_tok_s"] > 0 for r in records)
     with pytest.raises(ValueError, match="not a folder"):
         run_paths([str(tmp_path / "missing")], tmp_path / "work")
+
+
+def test_distortion_sections_merge_into_the_existing_results(tmp_path):
+    """Rerunning one section replaces its records and keeps the others', with each section's command."""
+    path = tmp_path / "distortion.json"
+    old = [dict(section="gaussian", method="old g"), dict(section="real", method="old r"),
+           dict(section="timing", method="old t")]
+    path.write_text(json.dumps({"benchmark": "distortion", "meta": {"command": "lqlr-bench distortion", "wall_s": 5.0},
+                                "records": old}))
+    new = [dict(section="gaussian", method="new g")]
+    records, meta = D.merge_sections(path, new, {"command": "lqlr-bench distortion --sections gaussian", "wall_s": 1.0},
+                                     {"gaussian"})
+    assert [r["method"] for r in records] == ["new g", "old r", "old t"]
+    assert meta["sections"]["gaussian"]["command"].endswith("--sections gaussian")
+    assert meta["sections"]["real"]["command"] == "lqlr-bench distortion"
+    # a full run, or a first one, is written as it is
+    assert D.merge_sections(tmp_path / "none.json", new, {"command": "c", "wall_s": 1.0}, {"gaussian"})[0] == new

@@ -27,18 +27,21 @@ def _distortion(args: argparse.Namespace) -> None:
     from lqlr.bench import distortion as D
 
     t0 = time.perf_counter()
-    records = D.gaussian_records(size=256 if args.quick else 1024)
-    stories = dict(layers=None, ranks=(4, 8), n_samples=16 if args.quick else 64, seq_len=256)
-    records += D.real_records("stories260k", iters=args.iters, **stories)
-    if not args.quick and not args.skip_smollm2:
-        records += D.real_records("smollm2-135m", layers=args.smollm2_layers, ranks=(32, 64),
-                                  iters=args.iters, n_samples=32, seq_len=512)
-    if not args.skip_timing:
+    sections = set(args.sections)
+    records = D.gaussian_records(size=256 if args.quick else 1024) if "gaussian" in sections else []
+    if "real" in sections:
+        stories = dict(layers=None, ranks=(4, 8), n_samples=16 if args.quick else 64, seq_len=256)
+        records += D.real_records("stories260k", iters=args.iters, **stories)
+        if not args.quick and not args.skip_smollm2:
+            records += D.real_records("smollm2-135m", layers=args.smollm2_layers, ranks=(32, 64),
+                                      iters=args.iters, n_samples=32, seq_len=512)
+    if "timing" in sections and not args.skip_timing:
         records.append(D.timing_record(size=1024 if args.quick else 4096, iters=args.iters))
-    meta = dict(command="lqlr-bench distortion " + " ".join(sys.argv[2:]), quick=args.quick, iters=args.iters,
-                torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                wall_s=time.perf_counter() - t0)
+    command = "lqlr-bench distortion " + " ".join(sys.argv[2:])
+    meta = dict(command=command, quick=args.quick, iters=args.iters, torch=torch.__version__,
+                threads=torch.get_num_threads(), machine=platform.machine(), wall_s=time.perf_counter() - t0)
     name = "distortion_quick" if args.quick else "distortion"
+    records, meta = D.merge_sections(Path(args.out) / f"{name}.json", records, meta, sections)
     write_results(Path(args.out), name, records, D.markdown(records), meta)
 
 
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smollm2-layers", type=int, nargs="+", default=[0, 15, 29], help="SmolLM2 blocks to measure")
     p.add_argument("--skip-smollm2", action="store_true", help="leave out SmolLM2-135M")
     p.add_argument("--skip-timing", action="store_true", help="leave out the 4096×4096 timing")
+    p.add_argument("--sections", nargs="+", choices=("gaussian", "real", "timing"), default=["gaussian", "real", "timing"],
+                   help="run only these parts; the output file keeps its records of the others (default: all)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
     q = sub.add_parser("quality", help="perplexity and KL vs all-in bits, lqlr against RTN/NF/GPTQ/HQQ/NF4/LoftQ")
     q.add_argument("--models", nargs="+", default=["stories260k", "smollm2-135m"], help="model names (configs/model)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -25,6 +26,7 @@ from lqlr.core.grids import make_grid, quantize_rtn
 from lqlr.core.hessian import h_weighted_error
 
 Record = dict[str, Any]
+SECTIONS = ("gaussian", "real", "timing")
 TRELLIS_STATES = {2: (8, 10, 12, 16), 3: (12, 16), 4: (12,)}  # the trellis's state bits L measured at each bit width
 
 
@@ -177,6 +179,22 @@ def summarize_real(records: list[Record]) -> list[Record]:
                          mean_error=sum(r["error"] for r in rs) / len(rs),
                          time_s=sum(r["time_s"] for r in rs)))
     return sorted(rows, key=lambda r: (r["model"], r["bits_per_param"]))
+
+
+def merge_sections(path: Path, records: list[Record], meta: dict, sections: set[str]) -> tuple[list[Record], dict]:
+    """A run of some ``sections`` merged into the results already at ``path``: their records replaced,
+    the other sections' kept; ``meta["sections"]`` says which command (and when) made each section."""
+    import json
+
+    done = {s: {"command": meta["command"], "wall_s": meta["wall_s"]} for s in sections}
+    if sections >= set(SECTIONS) or not path.exists():
+        return records, {**meta, "sections": done}
+    old = json.loads(path.read_text())
+    kept = [r for r in old["records"] if r["section"] not in sections]
+    before = old["meta"].get("sections") or {s: {"command": old["meta"].get("command"), "wall_s": old["meta"].get("wall_s")}
+                                             for s in SECTIONS}
+    merged = [r for s in SECTIONS for r in (records if s in sections else kept) if r["section"] == s]
+    return merged, {**meta, "sections": {**before, **done}}
 
 
 def markdown(records: list[Record]) -> str:
