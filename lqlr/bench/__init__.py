@@ -9,6 +9,7 @@
     lqlr-bench scale                 # 7B/8B/70B shapes, lazily, block by block (synthetic checkpoints)
     lqlr-bench scale --quick         # a tiny shape for a fresh install (about a minute)
     lqlr-bench load --path EXPORT... # peak RSS and time of from_pretrained(export) vs lqlr.load, child processes
+    lqlr-bench gguf --types q4_0 iq4_nl   # lqlr-GGUF (± LoRA) against llama.cpp's own quants, SmolLM2; see bench/gguf.py
 """
 from __future__ import annotations
 
@@ -153,6 +154,20 @@ def main(argv: list[str] | None = None) -> None:
                    help="where the warm-up export is made once")
     p.add_argument("--name", default="load", help="results file name (default: load)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
+    p = sub.add_parser("gguf", help="lqlr-GGUF with and without its LoRA against llama-quantize (± imatrix), same eval")
+    p.add_argument("--model", default="smollm2-135m", help="model name (configs/model); llama.cpp rows: smollm2-135m")
+    p.add_argument("--types", nargs="+", default=["q4_0", "iq4_nl", "q5_0"],
+                   help="GGUF types (q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl)")
+    p.add_argument("--rank", type=int, default=8, help="rank of the lqlr-GGUF Q + L·R rows (f16 factors)")
+    p.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
+    p.add_argument("--max-windows", type=int, default=4, help="WikiText-2 test windows")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
+    p.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp's rows")
+    p.add_argument("--skip-lqlr", action="store_true", help="leave out lqlr's rows")
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "lqlr" / "bench-gguf"),
+                   help="exports, GGUF files and finished rows (a rerun runs only the missing rows)")
+    p.add_argument("--name", default="gguf", help="results file name (default: gguf)")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     torch.manual_seed(0)
@@ -184,6 +199,13 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             parser.error(str(err))
         load.main(args)
+    elif args.bench == "gguf":
+        from lqlr.bench import gguf
+
+        try:
+            gguf.main(args)
+        except ValueError as err:
+            parser.error(str(err))
     elif args.bench == "quality":
         from lqlr.bench.quality import main_args
 

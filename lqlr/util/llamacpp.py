@@ -2,6 +2,8 @@
 
     python -m lqlr.util.llamacpp build [--jobs N]    # once (minutes); a cached build is reused
     python -m lqlr.util.llamacpp path                # the built program, or why there is none (exit 1)
+    python -m lqlr.util.llamacpp build --tools quantize,imatrix,bench   # opt in: llama.cpp's own tools (~10 min)
+    python -m lqlr.util.llamacpp path --tool quantize                   # a built tool, or why there is none
 
 The only network lqlr's CI has is the package registry, so llama.cpp comes from PyPI: the source
 distribution of ``llama-cpp-python`` (pinned: :data:`VERSION`) vendors llama.cpp under vendor/llama.cpp.
@@ -18,6 +20,12 @@ Everything lives in one folder, :func:`cache_dir` (``$LQLR_LLAMA_CPP``, default
 (the program), build.log and build.json (what was built and how long it took), written last: a folder
 whose build.json does not match this module (another version, another program source, other cmake
 options) is rebuilt, incrementally. Errors are one-line :class:`LlamaCppError`\\ s.
+
+llama.cpp's own tools (``llama-quantize``, ``llama-imatrix``, ``llama-bench``, ``llama-perplexity``: :data:`TOOLS`)
+are an opt-in build (``build --tools``, for ``lqlr-bench gguf``; not part of the tests' build): the same sdist, the
+parts they need unpacked into tools-src/, configured with llama.cpp's common library and tools on
+(:data:`TOOLS_CMAKE_OPTIONS`, still ``GGML_NATIVE=OFF``) in build-tools/, each tool copied to bin/ and listed in
+tools.json, written last (a tool is usable when tools.json lists it with these options).
 """
 from __future__ import annotations
 
@@ -53,6 +61,13 @@ CMAKE_OPTIONS = (
     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
 )
+# llama.cpp's own tools (opt in: ``build --tools``): name -> cmake target and program in bin/
+TOOLS = {"quantize": "llama-quantize", "imatrix": "llama-imatrix", "bench": "llama-bench",
+         "perplexity": "llama-perplexity"}
+TOOLS_STAMP = "tools.json"
+TOOL_PARTS = (*PARTS, "common/", "tools/")  # the tools add llama.cpp's common library and tools/
+TOOLS_CMAKE_OPTIONS = tuple(
+    o.replace("OFF", "ON") if o in ("-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TOOLS=OFF") else o for o in CMAKE_OPTIONS)
 # the cmake project that builds the program against llama.cpp's ``llama`` target (static, ggml inside)
 CMAKE_PROJECT = """cmake_minimum_required(VERSION 3.14)
 project(lqlr_llama_logits C CXX)
@@ -84,9 +99,9 @@ def _wanted() -> dict:
             "cmake_project_sha256": _sha256(CMAKE_PROJECT.encode()), "cmake_options": list(CMAKE_OPTIONS)}
 
 
-def _read_stamp(root: Path) -> dict | None:
+def _read_stamp(root: Path, name: str = STAMP) -> dict | None:
     try:
-        return json.loads((root / STAMP).read_text())
+        return json.loads((root / name).read_text())
     except (OSError, ValueError):
         return None
 
@@ -158,8 +173,9 @@ def _download(root: Path, log: Path) -> Path:
     return sdist_dir / name
 
 
-def _unpack(sdist: Path, dest: Path) -> None:
-    """vendor/llama.cpp's :data:`PARTS` from the sdist into ``dest`` (replaced whole, via a temp folder)."""
+def _unpack(sdist: Path, dest: Path, parts: Sequence[str] = PARTS) -> None:
+    """vendor/llama.cpp's ``parts`` (default :data:`PARTS`) from the sdist into ``dest`` (replaced whole, via a
+    temp folder)."""
     prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -168,7 +184,7 @@ def _unpack(sdist: Path, dest: Path) -> None:
             members = []
             for m in tar.getmembers():
                 rel = m.name.removeprefix(prefix) if m.name.startswith(prefix) else None
-                if rel and (m.isfile() or m.isdir()) and any(rel == p or rel.startswith(p) for p in PARTS):
+                if rel and (m.isfile() or m.isdir()) and any(rel == p or rel.startswith(p) for p in parts):
                     m.name = rel
                     members.append(m)
             if not any(m.name == "include/llama.h" for m in members):
@@ -252,6 +268,93 @@ def build(root: Path | None = None, jobs: int | None = None, echo: Callable[[str
         return root / "bin" / PROGRAM
 
 
+# ----- llama.cpp's own tools (opt in) -------------------------------------------------------------
+def _tool_names(names: Sequence[str]) -> list[str]:
+    unknown = [n for n in names if n not in TOOLS]
+    if unknown or not names:
+        raise LlamaCppError(f"unknown llama.cpp tool(s) {unknown or names}: choose from {', '.join(TOOLS)}")
+    return list(dict.fromkeys(names))
+
+
+def _tools_wanted() -> dict:
+    return {"package": PACKAGE, "version": VERSION, "cmake_options": list(TOOLS_CMAKE_OPTIONS)}
+
+
+def tool_missing(name: str, root: Path | None = None) -> str | None:
+    """Why llama.cpp's tool ``name`` (a key of :data:`TOOLS`) is not built in ``root``, in one line; None when it is."""
+    root = cache_dir() if root is None else Path(root)
+    _tool_names([name])
+    fix = f"run `python -m lqlr.util.llamacpp build --tools {name}` (--tools quantize,imatrix,bench for lqlr-bench " \
+          "gguf: about 10 min on 2 cores)"
+    stamp = _read_stamp(root, TOOLS_STAMP)
+    if stamp is None or name not in stamp.get("tools", []) or not (root / "bin" / TOOLS[name]).is_file():
+        return f"llama.cpp's {TOOLS[name]} is not built in {root}: {fix}"
+    stale = [k for k, v in _tools_wanted().items() if stamp.get(k) != v]
+    if stale:
+        return f"the llama.cpp tools in {root} are stale ({', '.join(stale)} changed): {fix}"
+    return None
+
+
+def tool(name: str, root: Path | None = None) -> Path:
+    """The built llama.cpp tool ``name`` (``quantize``, ``imatrix``, ``bench``, ``perplexity``); LlamaCppError
+    (one line, with the command that builds it) when it is not built."""
+    root = cache_dir() if root is None else Path(root)
+    reason = tool_missing(name, root)
+    if reason:
+        raise LlamaCppError(reason)
+    return root / "bin" / TOOLS[name]
+
+
+def build_tools(names: Sequence[str], root: Path | None = None, jobs: int | None = None,
+                echo: Callable[[str], None] = print) -> dict[str, Path]:
+    """Build llama.cpp's tools ``names`` (keys of :data:`TOOLS`) in ``root`` unless they are built; returns
+    {name: path}. The same sdist as :func:`build`, unpacked with llama.cpp's common/ and tools/ into tools-src/,
+    configured with :data:`TOOLS_CMAKE_OPTIONS` in build-tools/ (cmake rebuilds only what changed)."""
+    root = cache_dir() if root is None else Path(root)
+    names = _tool_names(names)
+    if all(tool_missing(n, root) is None for n in names):
+        echo(f"llama.cpp tools built in {root / 'bin'}: {', '.join(TOOLS[n] for n in names)}")
+        return {n: root / "bin" / TOOLS[n] for n in names}
+    if shutil.which("cmake") is None:
+        raise LlamaCppError("building llama.cpp's tools needs cmake on PATH (pip install cmake, part of the test extra)")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        log = root / "build-tools.log"
+        log.write_text(f"lqlr.util.llamacpp build --tools {','.join(names)} of {PACKAGE}=={VERSION}\n")
+        stamp = _read_stamp(root, TOOLS_STAMP) or {}
+        have = stamp.get("tools", []) if all(stamp.get(k) == v for k, v in _tools_wanted().items()) else []
+        (root / TOOLS_STAMP).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        sdist = _download(root, log)
+        src = root / "tools-src"
+        if not (src / "tools" / "quantize").is_dir():
+            echo(f"unpacking vendor/llama.cpp with common/ and tools/ into {src}")
+            _unpack(sdist, src, TOOL_PARTS)
+        echo("cmake configure (llama.cpp's common library and tools on, -DGGML_NATIVE=OFF, CPU only)")
+        _run(["cmake", "-S", str(src), "-B", str(root / "build-tools"), *TOOLS_CMAKE_OPTIONS], log, "cmake configure")
+        jobs = jobs or os.cpu_count() or 1
+        targets = [TOOLS[n] for n in names]
+        echo(f"cmake --build (targets {', '.join(targets)}, {jobs} jobs)")
+        _run(["cmake", "--build", str(root / "build-tools"), "--target", *targets, "-j", str(jobs)], log,
+             "cmake --build", echo=echo)
+        (root / "bin").mkdir(exist_ok=True)
+        for target in targets:
+            built = root / "build-tools" / "bin" / target
+            if not built.is_file():
+                raise LlamaCppError(f"cmake --build made no {target} under {root / 'build-tools'}; full log in {log}")
+            shutil.copy2(built, root / "bin" / f".{target}.tmp")
+            os.replace(root / "bin" / f".{target}.tmp", root / "bin" / target)
+        seconds = time.perf_counter() - t0
+        stamp = {**_tools_wanted(), "tools": sorted({*have, *names}), "build_seconds": round(seconds, 1),
+                 "jobs": jobs, "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = root / (TOOLS_STAMP + ".tmp")
+        tmp.write_text(json.dumps(stamp, indent=1) + "\n")
+        os.replace(tmp, root / TOOLS_STAMP)
+        echo(f"built {', '.join(targets)} in {root / 'bin'} in {seconds:.0f} s")
+        return {n: root / "bin" / TOOLS[n] for n in names}
+
+
 # ----- running it ---------------------------------------------------------------------------------
 def _call(args: list[str], stdin: str, root: Path | None) -> str:
     program = find(root)
@@ -326,13 +429,19 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help=f"build llama.cpp from the {PACKAGE}=={VERSION} sdist (cached)")
     b.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: the CPU count)")
-    sub.add_parser("path", help=f"print the built {PROGRAM}, or why there is none (exit 1)")
+    b.add_argument("--tools", default=None,
+                   help=f"also build llama.cpp's own tools, comma-separated: {','.join(TOOLS)} (opt in; ~10 min)")
+    q = sub.add_parser("path", help=f"print the built {PROGRAM}, or why there is none (exit 1)")
+    q.add_argument("--tool", default=None, help=f"print a built tool instead ({', '.join(TOOLS)})")
     a = p.parse_args(argv)
     try:
         if a.command == "build":
-            build(jobs=a.jobs, echo=lambda s: print(s, flush=True))
+            echo = lambda s: print(s, flush=True)
+            build(jobs=a.jobs, echo=echo)
+            if a.tools:
+                build_tools([t.strip() for t in a.tools.split(",") if t.strip()], jobs=a.jobs, echo=echo)
         else:
-            print(find())
+            print(tool(a.tool) if a.tool else find())
     except LlamaCppError as err:
         sys.exit(f"python -m lqlr.util.llamacpp {a.command}: error: {err}")
 

@@ -130,6 +130,16 @@ def permute_rows(a: np.ndarray, n_head: int | None) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(n_head, 2, rows // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape))
 
 
+
+def unpermute_rows(a: np.ndarray, n_head: int | None) -> np.ndarray:
+    """The inverse of :func:`permute_rows`: a GGUF tensor's q/k rows back in transformers' order."""
+    if n_head is None:
+        return a
+    rows = a.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows cannot be {n_head} heads of an even size: the config does not fit the tensor")
+    return np.ascontiguousarray(a.reshape(n_head, rows // n_head // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape))
+
 def float_array(t: torch.Tensor, gname: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """A stored float tensor as (array, ggml type): F32 for 1-D tensors and norms (llama.cpp's rule), else the
     stored F32/F16/BF16 (BF16 as its raw bytes)."""
