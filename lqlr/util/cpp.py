@@ -43,7 +43,11 @@ def disabled() -> bool:
 def _build(source_path: str, name: str) -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    source = Path(source_path).read_text()
+    try:
+        source = Path(source_path).read_text()
+    except OSError as err:  # an install without the source (a trimmed wheel): the pure-torch path
+        log.warning("lqlr: the C++ source of %s cannot be read (%s); using the pure-torch path", name, err)
+        return None
     key = hashlib.sha256("\0".join([source, *CFLAGS, cpu_signature(), platform.machine()]).encode()).hexdigest()[:12]
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
