@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--types", nargs="+", default=["q4_0", "iq4_nl", "q5_0"],
                    help="GGUF types (q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl)")
     p.add_argument("--rank", type=int, default=8, help="rank of the lqlr-GGUF Q + L·R rows (f16 factors)")
+    p.add_argument("--lqlr-types", nargs="*", default=None, help="types that get lqlr's rows (default: all --types)")
+    p.add_argument("--lora-types", nargs="*", default=None,
+                   help="types that get the rank rows (default: the --lqlr-types; none when given empty)")
+    p.add_argument("--rank-iters", type=int, default=None, help="outer iterations of the rank rows (default: the preset's 5)")
     p.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     p.add_argument("--max-windows", type=int, default=4, help="WikiText-2 test windows")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per window")

@@ -185,13 +185,15 @@ def quantize(source: Path, out: Path, kind: str, imatrix_file: Path | None = Non
 
 
 # ----- the benchmark ------------------------------------------------------------------------------
-def compress_command(model: str, kind: str, method: str, rank: int, out_dir: Path, threads: int) -> list[str]:
-    """The ``lqlr-compress`` overrides of one lqlr-GGUF export: ``method`` gptq (k = 0) or lqlr (rank, f16 factors)
-    on the GGUF grid ``kind``, no incoherence, WikiText-2 calibration (experiment=quality), no evaluation."""
+def compress_command(model: str, kind: str, method: str, rank: int, out_dir: Path, threads: int,
+                     iters: int | None = None) -> list[str]:
+    """The ``lqlr-compress`` overrides of one lqlr-GGUF export: ``method`` gptq (k = 0) or lqlr (rank, f16 factors,
+    ``iters`` outer iterations: None for the preset's 5) on the GGUF grid ``kind``, no incoherence, WikiText-2
+    calibration (experiment=quality), no evaluation."""
     cmd = ["experiment=quality", f"model={model}", f"method={method}", f"method.grid={kind}", f"method.bq={BQ[kind]}",
            "method.group_size=32", "method.incoherence=false", "budget=none", "eval.enabled=false", f"threads={threads}"]
     if method == "lqlr":
-        cmd += [f"method.rank={rank}", "method.bl=16", "method.br=16"]
+        cmd += [f"method.rank={rank}", "method.bl=16", "method.br=16"] + ([f"method.iters={iters}"] if iters else [])
     return cmd + [f"output_dir={out_dir}", f"hydra.run.dir={out_dir}.hydra"]
 
 
@@ -217,11 +219,12 @@ class Bench:
     """One run of the benchmark: the reference, its evaluation windows, the work folder and finished rows."""
 
     def __init__(self, model_name: str, work: Path, rank: int, threads: int, max_windows: int = 4,
-                 seq_len: int = 2048, log=print) -> None:
+                 seq_len: int = 2048, iters: int | None = None, log=print) -> None:
         from lqlr.engine.models import load_model
         from lqlr.eval.metrics import wikitext2_windows
 
         self.model_name, self.work, self.rank, self.threads, self.log = model_name, work, rank, threads, log
+        self.iters = iters
         self.reference, self.tokenizer = load_model(model_name)
         self.windows = wikitext2_windows(self.reference, self.tokenizer, seq_len, max_windows)
         (work / "rows").mkdir(parents=True, exist_ok=True)
@@ -241,7 +244,8 @@ class Bench:
 
     def row(self, kind: str, method: str, make) -> Record:
         """The finished row ``(kind, method)`` from rows/ or made now by ``make()`` (-> partial record) and kept."""
-        path = self.work / "rows" / f"{self.model_name}-{kind}-{method}{'' if method.startswith('llama') else f'-r{self.rank}'}.json"
+        tag = {"lqlr-k0": "", "lqlr-q": f"-{self.rank_tag('')[1:]}", "lqlr-qlr": f"-{self.rank_tag('')[1:]}"}.get(method, "")
+        path = self.work / "rows" / f"{self.model_name}-{kind}-{method}{tag}.json"
         if path.is_file():
             self.log(f"{kind} {method}: kept from {path.name}")
             return json.loads(path.read_text())
@@ -256,9 +260,10 @@ class Bench:
         """Compress (lqlr-compress subprocess) and export to GGUF once per (kind, method); (gguf dir, command, s)."""
         from lqlr.io.gguf import export_gguf
 
-        tag = f"{kind}-k0" if method == "gptq" else f"{kind}-r{self.rank}"
+        tag = f"{kind}-k0" if method == "gptq" else self.rank_tag(kind)
         export, gdir = self.work / "exports" / tag, self.work / "gguf" / tag
-        cmd = ["lqlr-compress", *compress_command(self.model_name, kind, method, self.rank, export, self.threads)]
+        cmd = ["lqlr-compress", *compress_command(self.model_name, kind, method, self.rank, export, self.threads,
+                                                  None if method == "gptq" else self.iters)]
         t0 = time.perf_counter()
         if not (gdir / "gguf.json").is_file():
             rc = subprocess.run([sys.executable, "-m", "lqlr.cli", *cmd[1:]],
@@ -268,23 +273,28 @@ class Bench:
             export_gguf(export, gdir)
         return gdir, cmd, time.perf_counter() - t0
 
-    def lqlr_rows(self, kind: str) -> list[Record]:
+    def rank_tag(self, kind: str) -> str:
+        return f"{kind}-r{self.rank}" + (f"-t{self.iters}" if self.iters else "")
+
+    def k0_row(self, kind: str) -> Record:
         def k0() -> Record:
             gdir, cmd, s = self.lqlr_export(kind, "gptq")
             return {**self.evaluate(gdir / "model.gguf"), "commands": [_shown(cmd, self.work),
                     f"lqlr-export gguf WORK/exports/{kind}-k0 WORK/gguf/{kind}-k0"], "make_s": s}
 
+        return self.row(kind, "lqlr-k0", k0)
+
+    def rank_rows(self, kind: str) -> list[Record]:
         def lr(with_lora: bool):
             def make() -> Record:
                 gdir, cmd, s = self.lqlr_export(kind, "lqlr")
-                tag = f"{kind}-r{self.rank}"
+                tag = self.rank_tag(kind)
                 return {**self.evaluate(gdir / "model.gguf", gdir / "lora.gguf" if with_lora else None),
                         "commands": [_shown(cmd, self.work), f"lqlr-export gguf WORK/exports/{tag} WORK/gguf/{tag}"],
-                        "rank": self.rank, "make_s": s}
+                        "rank": self.rank, "iters": self.iters or 5, "make_s": s}
             return make
 
-        return [self.row(kind, "lqlr-k0", k0), self.row(kind, "lqlr-q", lr(False)),
-                self.row(kind, "lqlr-qlr", lr(True))]
+        return [self.row(kind, "lqlr-q", lr(False)), self.row(kind, "lqlr-qlr", lr(True))]
 
     # llama.cpp rows
     def calibration_text(self) -> str:
@@ -416,21 +426,29 @@ def main(args) -> None:
     if skipped is None and (why := tools_missing()):
         skipped = f"the llama.cpp rows: {why}"
         print(f"lqlr-bench gguf: {skipped}", file=sys.stderr, flush=True)
-    bench = Bench(args.model, work, args.rank, args.threads, args.max_windows, args.seq_len,
+    lqlr_kinds = [] if args.skip_lqlr else kinds if args.lqlr_types is None else list(dict.fromkeys(args.lqlr_types))
+    lora_kinds = lqlr_kinds if args.lora_types is None else list(dict.fromkeys(args.lora_types))
+    for flag, chosen, within in (("--lqlr-types", lqlr_kinds, kinds), ("--lora-types", lora_kinds, lqlr_kinds)):
+        if set(chosen) - set(within):
+            raise ValueError(f"{flag} {' '.join(sorted(set(chosen) - set(within)))}: not among the types with "
+                             f"{'--types' if flag == '--lqlr-types' else 'lqlr rows'}")
+    bench = Bench(args.model, work, args.rank, args.threads, args.max_windows, args.seq_len, args.rank_iters,
                   log=lambda s: print(s, flush=True))
     source, start = None, None
     if skipped is None:
         source = source_gguf(args.model)
         start = bench.start_check(source)
     records: list[Record] = []
-    for kind in kinds:
-        if not args.skip_lqlr:
-            records += bench.lqlr_rows(kind)
+    for kind in kinds:  # the cheaper rows of every type first, then the rank-r exports
+        if kind in lqlr_kinds:
+            records.append(bench.k0_row(kind))
         if source is not None:
             records += bench.llama_rows(kind, source)
+    for kind in lora_kinds:
+        records += bench.rank_rows(kind)
     argv = [_scrub(a, work) for a in getattr(args, "argv", sys.argv[1:])]
-    meta = dict(command="lqlr-bench " + " ".join(argv), model=args.model, types=kinds, rank=args.rank,
-                threads=args.threads, linears=len(target_linears(bench.reference)),
+    meta = dict(command="lqlr-bench " + " ".join(argv), model=args.model, types=kinds, lqlr_types=lqlr_kinds, lora_types=lora_kinds,
+                rank=args.rank, iters=args.rank_iters or 5, threads=args.threads, linears=len(target_linears(bench.reference)),
                 llamacpp=f"{llamacpp.PACKAGE}=={llamacpp.VERSION} (vendored llama.cpp)",
                 llamacpp_start=("llama-quantize --allow-requantize of the source GGUF that lqlr loads "
                                 f"({source.name}); start_max_abs_diff = max |W_source - W_reference| over the linears")
