@@ -38,6 +38,35 @@ def block_ldlq_reference(W: torch.Tensor, H: torch.Tensor, grid, d: int | None =
     return Q.float()
 
 
+def check_codebook_pipeline(out, qlr_kwargs: dict, kind: str) -> dict:
+    """compress stories260K with a codebook Q (+ 4-bit L, R), export, and check that from_pretrained equals
+    lqlr.load bit for bit, that the 172-wide down_proj fell back to the uniform grid, that Q packs at 2 bits
+    per weight and that the stock PEFT adapter on the packed base gives the same logits. Returns q_proj's spec."""
+    import json
+
+    import lqlr
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = lqlr.CompressConfig(qlr=lqlr.QLRConfig(bq=2, rank=4, group_size=64, iters=1, incoherence=True, **qlr_kwargs),
+                              calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=64))
+    lqlr.compress("stories260k", cfg, output_dir=out, progress=False)
+    specs = {n: e["spec"]["q"] for n, e in json.loads((out / "manifest.json").read_text())["modules"].items()}
+    assert specs["model.layers.0.self_attn.q_proj"]["kind"] == kind
+    assert specs["model.layers.0.mlp.down_proj"]["kind"] == "uniform"
+    ids = torch.arange(1, 33)[None]
+    a, b = AutoModelForCausalLM.from_pretrained(out), lqlr.load(out)
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    assert torch.equal(la, lb)
+    q = b.model.layers[0].self_attn.q_proj
+    assert q.q_codes.numel() == q.out_features * q.in_features * 2 // 8  # 2 bits per weight, packed
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), str(out / "adapter"))
+    with torch.no_grad():
+        assert torch.allclose(peft(ids).logits, lb, atol=1e-4, rtol=1e-4)
+    return specs["model.layers.0.self_attn.q_proj"]
+
+
 @pytest.fixture
 def W_H():
     gen = torch.Generator().manual_seed(1)

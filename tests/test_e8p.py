@@ -22,7 +22,7 @@ from lqlr.core.grids import QuantizedTensor, quantize_rtn
 from lqlr.core.hessian import regularize
 from lqlr.core.ldlq import ldlq_plan, ldlq_round
 
-from conftest import block_ldlq_reference, correlated_hessian
+from conftest import block_ldlq_reference, check_codebook_pipeline, correlated_hessian
 
 
 @pytest.fixture(scope="module")
@@ -169,28 +169,7 @@ def test_config_and_budget_with_the_codebook() -> None:
 def test_e8p_through_the_pipeline(tmp_path) -> None:
     """compress (E8P Q + 4-bit L, R; the 172-wide down_proj falls back to the uniform grid), export,
     from_pretrained = lqlr.load, and the stock PEFT adapter on the packed base."""
-    import json
-
-    import lqlr
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "e8"
-    cfg = lqlr.CompressConfig(qlr=lqlr.QLRConfig(grid="e8p", bq=2, rank=4, group_size=64, iters=1, incoherence=True),
-                              calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=64))
-    lqlr.compress("stories260k", cfg, output_dir=out, progress=False)
-    specs = {n: e["spec"]["q"]["kind"] for n, e in json.loads((out / "manifest.json").read_text())["modules"].items()}
-    assert specs["model.layers.0.self_attn.q_proj"] == "e8p" and specs["model.layers.0.mlp.down_proj"] == "uniform"
-    ids = torch.arange(1, 33)[None]
-    a, b = AutoModelForCausalLM.from_pretrained(out), lqlr.load(out)
-    with torch.no_grad():
-        la, lb = a(ids).logits, b(ids).logits
-    assert torch.equal(la, lb)
-    q = b.model.layers[0].self_attn.q_proj
-    assert q.q_codes.numel() == q.out_features * q.in_features * 2 // 8  # 2 bits per weight, packed
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), str(out / "adapter"))
-    with torch.no_grad():
-        assert torch.allclose(peft(ids).logits, lb, atol=1e-4, rtol=1e-4)
+    check_codebook_pipeline(tmp_path / "e8", dict(grid="e8p"), "e8p")
 
 
 def test_factor_group_size_is_used_and_counted() -> None:

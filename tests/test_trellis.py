@@ -23,7 +23,7 @@ from lqlr.core.trellis import (
     viterbi,
 )
 
-from conftest import block_ldlq_reference, correlated_hessian
+from conftest import block_ldlq_reference, check_codebook_pipeline, correlated_hessian
 
 
 def _mad(s: int) -> float:
@@ -231,28 +231,5 @@ def replace_rank0(cfg):
 def test_trellis_through_the_pipeline(tmp_path) -> None:
     """compress (trellis Q + 4-bit L, R; the 172-wide down_proj falls back), export, from_pretrained =
     lqlr.load (the state bits travel in the spec), and the stock PEFT adapter on the packed base."""
-    import json
-
-    import lqlr
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "tr"
-    cfg = lqlr.CompressConfig(qlr=lqlr.QLRConfig(grid="trellis", bq=2, rank=4, group_size=64, iters=1,
-                                                 incoherence=True, trellis_state_bits=8),
-                              calibration=lqlr.CalibrationConfig(source="wikitext2", n_samples=4, seq_len=64))
-    lqlr.compress("stories260k", cfg, output_dir=out, progress=False)
-    specs = {n: e["spec"]["q"] for n, e in json.loads((out / "manifest.json").read_text())["modules"].items()}
-    assert specs["model.layers.0.self_attn.q_proj"]["kind"] == "trellis"
-    assert specs["model.layers.0.self_attn.q_proj"]["state_bits"] == 8
-    assert specs["model.layers.0.mlp.down_proj"]["kind"] == "uniform"
-    ids = torch.arange(1, 33)[None]
-    a, b = AutoModelForCausalLM.from_pretrained(out), lqlr.load(out)
-    with torch.no_grad():
-        la, lb = a(ids).logits, b(ids).logits
-    assert torch.equal(la, lb)
-    q = b.model.layers[0].self_attn.q_proj
-    assert q.q_codes.numel() == q.out_features * q.in_features * 2 // 8  # 2 bits per weight, packed
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), str(out / "adapter"))
-    with torch.no_grad():
-        assert torch.allclose(peft(ids).logits, lb, atol=1e-4, rtol=1e-4)
+    spec = check_codebook_pipeline(tmp_path / "tr", dict(grid="trellis", trellis_state_bits=8), "trellis")
+    assert spec["state_bits"] == 8

@@ -330,8 +330,10 @@ void gemv_rows_e8p(const E8PCtx& c, const float* x, int64_t ldx, float* y, int64
   }
 }
 
-void gemv_dispatch_e8p(const Packed& P, const float* x, int64_t M, float* y) {
-  const E8PCtx c(P);
+// y = x Pᵀ for a codebook matrix (E8P, trellis): rows of P in parallel, up to 4 rows of x at a time through
+// Rows<MB>::run(ctx, x, ldx, y, ldy, r0, r1)
+template <template <int> class Rows, class Ctx>
+void gemv_codebook(const Ctx& c, const Packed& P, const float* x, int64_t M, float* y) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(P.cols * M, 1));
   at::parallel_for(0, P.rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -339,14 +341,21 @@ void gemv_dispatch_e8p(const Packed& P, const float* x, int64_t M, float* y) {
       const float* xm = x + m0 * P.cols;
       float* ym = y + m0 * P.rows;
       switch (mb) {
-        case 1: gemv_rows_e8p<1>(c, xm, P.cols, ym, P.rows, r0, r1); break;
-        case 2: gemv_rows_e8p<2>(c, xm, P.cols, ym, P.rows, r0, r1); break;
-        case 3: gemv_rows_e8p<3>(c, xm, P.cols, ym, P.rows, r0, r1); break;
-        default: gemv_rows_e8p<4>(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        case 1: Rows<1>::run(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        case 2: Rows<2>::run(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        case 3: Rows<3>::run(c, xm, P.cols, ym, P.rows, r0, r1); break;
+        default: Rows<4>::run(c, xm, P.cols, ym, P.rows, r0, r1); break;
       }
     }
   });
 }
+
+template <int MB>
+struct E8PRows {
+  static void run(const E8PCtx& c, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+    gemv_rows_e8p<MB>(c, x, ldx, y, ldy, r0, r1);
+  }
+};
 
 // ---- trellis digits --------------------------------------------------------------------------
 struct TrellisCtx {
@@ -425,23 +434,12 @@ void gemv_rows_trellis(const TrellisCtx& c, const float* x, int64_t ldx, float* 
   }
 }
 
-void gemv_dispatch_trellis(const Packed& P, const float* x, int64_t M, float* y) {
-  const TrellisCtx c(P);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(P.cols * M, 1));
-  at::parallel_for(0, P.rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mb = std::min<int64_t>(4, M - m0);
-      const float* xm = x + m0 * P.cols;
-      float* ym = y + m0 * P.rows;
-      switch (mb) {
-        case 1: gemv_rows_trellis<1>(c, xm, P.cols, ym, P.rows, r0, r1); break;
-        case 2: gemv_rows_trellis<2>(c, xm, P.cols, ym, P.rows, r0, r1); break;
-        case 3: gemv_rows_trellis<3>(c, xm, P.cols, ym, P.rows, r0, r1); break;
-        default: gemv_rows_trellis<4>(c, xm, P.cols, ym, P.rows, r0, r1); break;
-      }
-    }
-  });
-}
+template <int MB>
+struct TrellisRows {
+  static void run(const TrellisCtx& c, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+    gemv_rows_trellis<MB>(c, x, ldx, y, ldy, r0, r1);
+  }
+};
 
 RowCtx ctx_of(const Packed& P) {
   RowCtx c;
@@ -568,11 +566,11 @@ torch::Tensor matmul(const Packed& P, const torch::Tensor& x, int64_t gemv_max_r
   }
   auto y = torch::empty({M, P.rows}, torch::kFloat32);
   if (P.book.defined()) {
-    gemv_dispatch_e8p(P, x.data_ptr<float>(), M, y.data_ptr<float>());
+    gemv_codebook<E8PRows>(E8PCtx(P), P, x.data_ptr<float>(), M, y.data_ptr<float>());
     return y;
   }
   if (P.tcode.defined()) {
-    gemv_dispatch_trellis(P, x.data_ptr<float>(), M, y.data_ptr<float>());
+    gemv_codebook<TrellisRows>(TrellisCtx(P), P, x.data_ptr<float>(), M, y.data_ptr<float>());
     return y;
   }
   // per-group sums of x for the zero points
