@@ -125,10 +125,11 @@ def test_verdicts_and_table():
     v = {x["type"]: x for x in G.verdicts(records)}
     assert v["q4_0"]["lqlr-k0"] is True and v["q4_0"]["lqlr-q"] is False  # KL 0.2 > 0.1
     assert v["q4_0"]["next"] == "q5_0" and v["q4_0"]["lqlr-qlr"] is False  # ppl lower, but KL 0.02 > 0.01
-    assert "next" not in v["q5_0"] and "lqlr-k0" not in v["q5_0"]
+    assert v["q5_0"]["next"] is None and "lqlr-k0" not in v["q5_0"]
     md = G.markdown(records, {"linears": 210, "command": "lqlr-bench gguf --types q4_0 q5_0"})
     assert "| q4_0 | lqlr-GGUF, LDLQ (k = 0) | q4_0 × 210 | 4.500 | 4.500 | 11.000 | 0.0500 |" in md
-    assert "| q4_0 | yes | **no** | **no** (q5_0) |" in md
+    assert "| q4_0 | yes | **no** | **no** (vs q5_0) |" in md
+    assert "| q5_0 | – | – | – (no larger type measured) |" in md
     assert md.index("lqlr-GGUF, LDLQ") < md.index("llama.cpp, imatrix") < md.index("| q5_0 | lqlr-GGUF rank 8")
     assert "Produced by `lqlr-bench gguf --types q4_0 q5_0`" in md
     assert G.next_larger("iq4_nl", ["q4_0", "iq4_nl", "q4_1", "q8_0"]) == "q4_1"

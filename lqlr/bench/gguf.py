@@ -333,7 +333,8 @@ class Bench:
     def start_check(self, source: Path) -> float:
         """max |W_source − W_reference| over the block linears: 0 when llama.cpp starts from lqlr's weights."""
         linears = read_linears(source, self.reference)
-        return max(float((w - self.reference.get_submodule(n).weight).abs().max()) for n, w in linears.weights.items())
+        return max(float((w - self.reference.get_submodule(n).weight.detach()).abs().max())
+                   for n, w in linears.weights.items())
 
 
 def source_gguf(model_name: str) -> Path:
@@ -370,9 +371,9 @@ def verdicts(records: list[Record]) -> list[dict]:
                 v[m] = ours["ppl"] < ref["ppl"] and ours["kl"] < ref["kl"]
         nxt = next_larger(kind, [k for k in kinds if (k, "llamacpp-imatrix") in by])
         ours = by.get((kind, "lqlr-qlr"))
+        v["next"], v["has_qlr"] = nxt, ours is not None
         if ours and nxt:
             big = by[(nxt, "llamacpp-imatrix")]
-            v["next"] = nxt
             v["lqlr-qlr"] = (ours["bits_per_param"] <= big["bits_per_param"] + 1e-9 and ours["ppl"] < big["ppl"]
                              and ours["kl"] < big["kl"])
         out.append(v)
@@ -401,7 +402,8 @@ def markdown(records: list[Record], meta: dict) -> str:
               "| type | k = 0 beats llama.cpp imatrix | rank-r Q only beats it | Q + L·R beats the next larger type |",
               "|---|---|---|---|"]
     for v in verdicts(records):
-        nxt = f"{yes[v.get('lqlr-qlr')]} ({v['next']})" if v.get("next") else "– (no larger type measured)"
+        nxt = (f"{yes[v.get('lqlr-qlr')]} (vs {v['next']})" if v["has_qlr"] and v["next"] else
+               "– (no Q + L·R row)" if not v["has_qlr"] else "– (no larger type measured)")
         lines.append(f"| {v['type']} | {yes[v.get('lqlr-k0')]} | {yes[v.get('lqlr-q')]} | {nxt} |")
     if meta.get("skipped"):
         lines += ["", f"Not run: {meta['skipped']}"]
