@@ -28,7 +28,8 @@ GGUF_GRIDS = tuple(GGUF_BITS)
 # a 1- or 2-bit residual codebook, RVQ) and QTIP's bitshift trellis (lqlr.core.trellis)
 CODEBOOK_BITS = {"e8p": (2, 3, 4), "trellis": (2, 3, 4)}
 CODEBOOK_DIM = {"e8p": 8, "trellis": 16}  # input columns coded together: an E8P codeword, a trellis tile's width
-TRELLIS_STATE_BITS = (4, 20)  # the range of the trellis's state bits L (lqlr.core.trellis.STATE_BITS_RANGE)
+TRELLIS_STATE_BITS = (4, 20)  # the range of the trellis's state bits L
+TRELLIS_DEFAULT_STATE_BITS = 12  # L when not given (QTIP uses 16; time per weight grows as 2^L)
 Q_GRIDS = GRIDS + GGUF_GRIDS + tuple(CODEBOOK_BITS)  # Q may also take a llama.cpp block format or a codebook
 
 
@@ -69,7 +70,7 @@ class QLRConfig:
     iters: int = 20
     seed: int = 0
     grid: str = "uniform"  # grid of Q: "uniform" (asymmetric, scale + zero), "nf" (NormalFloat), "e8p", "trellis" or a GGUF type
-    trellis_state_bits: int = 12  # grid="trellis": bits L of the trellis state (QTIP: 16; time per weight ∝ 2^L)
+    trellis_state_bits: int = TRELLIS_DEFAULT_STATE_BITS  # grid="trellis": bits L of the trellis state (QTIP: 16; time ∝ 2^L)
     factor_grid: str = "uniform"  # grid of L and R when bl/br < 16
     factor_group_size: Optional[int] = None  # groups of L and R (null: group_size); e.g. 64 beside a per-row E8P Q
     lr_iters: int = 3  # inner alternations of the low-bit L, R fit (stops early when it stalls)

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
+from lqlr.config import TRELLIS_DEFAULT_STATE_BITS, TRELLIS_STATE_BITS
 from lqlr.core.grids import Grid, GroupParams, fp16_round
 
 TILE = 16  # a sequence is a TILE × TILE block of weights (rows × input columns), read row by row
-DEFAULT_STATE_BITS = 12
-STATE_BITS_RANGE = (4, 20)
+DEFAULT_STATE_BITS = TRELLIS_DEFAULT_STATE_BITS
 # 1MAD: value of state s = (sum of the bytes of (MULTIPLIER·s + INCREMENT) mod 2³²) − MEAN) / STD
 MULTIPLIER = 34038481
 INCREMENT = 76625530
@@ -171,7 +171,7 @@ class TrellisGrid(Grid):
     UNIT_SCALE = {2: 1.04, 3: 1.1, 4: 1.15}
 
     def __init__(self, bits: int = 2, group_size: int = 4096, state_bits: int = DEFAULT_STATE_BITS) -> None:
-        lo, hi = STATE_BITS_RANGE
+        lo, hi = TRELLIS_STATE_BITS
         if int(bits) not in self.UNIT_SCALE:
             raise ValueError(f"grid='trellis' codes {tuple(self.UNIT_SCALE)} bits per weight, got bits={bits}")
         if not (lo <= int(state_bits) <= hi and int(state_bits) > int(bits)):
