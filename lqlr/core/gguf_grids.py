@@ -11,12 +11,14 @@ where level[c] = c − 8 (Q4_0), c − 16 (Q5_0), c − 128 (Q8_0, c the int8 by
 Q5_1), or IQ4_NL's fixed non-uniform table ``IQ4_NL_LEVELS[c]``. :meth:`GGUFGrid.decode` is that
 float32 arithmetic (one product, then one sum), so it equals ggml's dequantization bit for bit.
 
-Fitting d (and m) is lqlr's: min over candidates of Σ_j (x_j − x̂_j)², the block's squared error
-after the fp16 rounding of the parameters and nearest-level codes under the rounded values. The
-candidates are llama.cpp's reference choice (Q4_0: d = max/−8, Q4_1: d = (max − min)/15, m = min,
-...), a grid of shrunk and widened scales around it, and the least-squares refit of each
-(d = Σ q x / Σ q², or the 2 × 2 normal equations for (d, m)), so a block is never worse than the
-reference quantizer.
+Fitting d (and m) is lqlr's: min over candidates of Σ_j w_j (x_j − x̂_j)², the block's weighted
+squared error after the fp16 rounding of the parameters and nearest-level codes under the rounded
+values, with importances w_j (all 1 unless given; LDLQ gives its LDL pivots, llama.cpp's imatrix
+plays that role there). The candidates are llama.cpp's reference choice (Q4_0: d = max/−8, Q4_1:
+d = (max − min)/15, m = min, ...), a grid of shrunk and widened scales around it, llama.cpp's
+imatrix search steps (symmetric blocks), and the weighted least-squares refit of each (d = Σ w q x /
+Σ w q², or the 2 × 2 normal equations for (d, m)), so a block is never worse than the reference
+quantizer, nor (same weights) than llama.cpp's imatrix quantizer of Q4_0 / Q5_0.
 
 Storage is the format's real bytes: b = 4, 5 or 8 code bits per weight plus 16 (d) or 32 (d, m)
 bits per block, e.g. Q4_0: 4 + 16/32 = 4.5 bits (18 bytes per block). The ggml byte layout of a
@@ -53,10 +55,12 @@ class GGUFGrid(Grid):
     code_min: int = 0
     affine: bool = False
     uniform: bool = True  # levels are consecutive integers (all but IQ4_NL)
+    weighted_fit = True  # fit takes per-weight importances (LDLQ passes diag H)
     # fit: scale candidates d = d_ref / f for f in linspace(SHRINK, WIDEN, CANDIDATES) (f = 1 is d_ref)
     CANDIDATES = 24
     SHRINK = 0.55
     WIDEN = 1.15
+    SEARCH_STEPS = 9  # ... and llama.cpp's 2 × 9 steps around the reference (0: none)
 
     def __init__(self, bits: int | None = None, group_size: int | None = None) -> None:
         message = fixed_values_error(self.kind, bits, group_size)
@@ -111,18 +115,23 @@ class GGUFGrid(Grid):
         x = self._tables(codes.device)[0][codes.long()] * p.scale  # q·d in float32, as ggml does
         return x + p.zero if self.affine else x
 
-    def fit(self, x: torch.Tensor) -> GroupParams:
+    def fit(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> GroupParams:
         """fp16 d (and m) per row of the block x (rows, ≤ 32): of the candidates (see the module
-        docstring), the one with the least Σ_j (x_j − x̂_j)², x̂ decoded from the stored values."""
+        docstring), the one with the least Σ_j w_j (x_j − x̂_j)², x̂ decoded from the stored values.
+
+        ``weights`` w ≥ 0, (g,) for every row or (rows, g): the importance of each weight (LDLQ passes
+        diag H of the block's columns, the error's weight in tr(E H Eᵀ) without the cross terms, as
+        llama.cpp's imatrix does); None: all 1. The least-squares refits use the same weights."""
         x = x.to(torch.float32)
+        w = _block_weights(x, weights)
         cands = self._affine_candidates(x) if self.affine else self._symmetric_candidates(x)
         best_err, best = None, None
         for d, m in cands:  # each (rows, K): K candidates per row
             for refit in (False, True):
                 if refit:
-                    d, m = self._least_squares(x, d, m)
+                    d, m = self._least_squares(x, d, m, w)
                 d, m = _fp16_param(d), (None if m is None else _fp16_param(m))
-                err = self._errors(x, d, m)  # (rows, K)
+                err = self._errors(x, d, m, w)  # (rows, K)
                 e, k = err.min(dim=1, keepdim=True)
                 dk = d.gather(1, k)
                 mk = None if m is None else m.gather(1, k)
@@ -137,9 +146,16 @@ class GGUFGrid(Grid):
 
     # ----- fitting helpers -------------------------------------------------------------------
     def _factors(self, device: torch.device) -> torch.Tensor:
-        """Candidate factors f, (K,): 1 (the reference) first, then the shrink/widen grid."""
+        """Candidate factors f, (K,): 1 (the reference) first, then the shrink/widen grid, then (symmetric blocks)
+        llama.cpp's imatrix search steps f = (n + i/10)/n, i = ±1 … ±9 (``make_qx_quants``' iscale = −(n + i/10)/max,
+        n = |lowest level|), so that its choice under the same weights is among the refits' starts."""
+        one = torch.ones(1, device=device)
         grid = torch.linspace(self.SHRINK, self.WIDEN, self.CANDIDATES, device=device)
-        return torch.cat([torch.ones(1, device=device), grid])
+        if self.affine:  # Q4_1, Q5_1: llama.cpp searches (d, m) otherwise (make_qkx3_quants); the grid only
+            return torch.cat([one, grid])
+        n = float(-self.levels[self.code_min])
+        steps = (n + 0.1 * torch.arange(-self.SEARCH_STEPS, self.SEARCH_STEPS + 1, device=device)) / n
+        return torch.cat([one, grid, steps[steps != 1]])
 
     def _symmetric_candidates(self, x: torch.Tensor) -> list[tuple[torch.Tensor, None]]:
         """d = max / (level_end · f): the block's signed absmax on the lowest or highest level.
@@ -170,28 +186,47 @@ class GGUFGrid(Grid):
         p = GroupParams(scale=d[:, :, None], zero=None if m is None else m[:, :, None])
         return self.encode(x[:, None, :], p)
 
-    def _errors(self, x: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-        """Σ_j (x_j − x̂_j)² per row and candidate, (rows, K), with x̂ decoded exactly."""
+    def _errors(self, x: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+        """Σ_j w_j (x_j − x̂_j)² per row and candidate, (rows, K), with x̂ decoded exactly; w (rows, g)."""
         p = GroupParams(scale=d[:, :, None], zero=None if m is None else m[:, :, None])
         xhat = self.decode(self._codes_k(x, d, m), p)
-        return (xhat - x[:, None, :]).pow(2).sum(dim=2)
+        return ((xhat - x[:, None, :]).pow(2) * w[:, None, :]).sum(dim=2)
 
-    def _least_squares(self, x: torch.Tensor, d: torch.Tensor,
-                       m: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Refit on each candidate's codes (under its stored d, m): min_d Σ (x − q d)², or
-        min_{d,m} Σ (x − q d − m)²."""
+    def _least_squares(self, x: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
+                       w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Refit on each candidate's codes (under its stored d, m): min_d Σ w (x − q d)², or
+        min_{d,m} Σ w (x − q d − m)²; w (rows, g)."""
         q = self._tables(x.device)[0][self._codes_k(x, d, m).long()]  # (rows, K, g) levels
-        xs = x[:, None, :]  # (rows, 1, g)
+        xs, ws = x[:, None, :], w[:, None, :]  # (rows, 1, g)
+        wq = ws * q  # (rows, K, g)
         if m is None:
-            sqx, sqq = (q * xs).sum(dim=2), (q * q).sum(dim=2)
+            sqx, sqq = (wq * xs).sum(dim=2), (wq * q).sum(dim=2)
             return torch.where(sqq > 0, sqx / sqq.clamp_min(1e-30), d), None
-        g = x.shape[1]
-        sq, sx = q.sum(dim=2), xs.sum(dim=2).expand_as(d)
-        sqq, sqx = (q * q).sum(dim=2), (q * xs).sum(dim=2)
-        det = g * sqq - sq * sq
+        sw = ws.sum(dim=2).expand_as(d)
+        sq, sx = wq.sum(dim=2), (ws * xs).sum(dim=2).expand_as(d)
+        sqq, sqx = (wq * q).sum(dim=2), (wq * xs).sum(dim=2)
+        det = sw * sqq - sq * sq
         ok = det > 0
-        d_ls = torch.where(ok, (g * sqx - sq * sx) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(d))
-        return d_ls, (sx - d_ls * sq) / g  # all codes equal (det = 0): d = 0, m = mean
+        d_ls = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(d))
+        m_ls = torch.where(sw > 0, (sx - d_ls * sq) / torch.where(sw > 0, sw, torch.ones_like(sw)), m)
+        return d_ls, m_ls  # all codes equal (det = 0): d = 0, m = the weighted mean
+
+
+def _block_weights(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The fit's weights as (rows, g) float32 on x's device: all 1 for None, else ``weights`` ((g,) or (rows, g),
+    finite, ≥ 0) broadcast and divided by each row's largest (equal weights are exactly the unweighted fit; a row
+    of zeros counts as unweighted); one-line ValueError for a bad shape or value."""
+    if weights is None:
+        return torch.ones_like(x)
+    w = weights.to(device=x.device, dtype=torch.float32)
+    if w.shape not in ((x.shape[1],), tuple(x.shape)):
+        raise ValueError(f"weights have shape {tuple(w.shape)}: expected ({x.shape[1]},) or {tuple(x.shape)} "
+                         "(one per column of the block, or per weight)")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("weights must be finite and >= 0 (e.g. diag H of the block's columns)")
+    w = w.expand_as(x)
+    top = w.max(dim=1, keepdim=True).values
+    return torch.where(top > 0, w / torch.where(top > 0, top, torch.ones_like(top)), torch.ones_like(w))
 
 
 def _fp16_param(t: torch.Tensor) -> torch.Tensor:

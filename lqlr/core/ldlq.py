@@ -87,8 +87,22 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
     W[:, plan.damped.dead] = 0.0  # inputs that are never active: their weights do not matter
     perm = plan.perm
     static = None
+    # importance of each input column for the group fits (grids that take weights: the GGUF blocks): the LDL pivot
+    # 1/U_ii², the exact weight of column i's rounding error in tr(E H Eᵀ) = Σ_i ‖(w_i − q_i)/U_ii‖² once the
+    # earlier columns' errors are fed forward (diag H, llama.cpp's imatrix, is its weight without the feedback)
+    weighted = getattr(grid, "weighted_fit", False)
+    pivots = None
+    if weighted:
+        pivots = torch.diagonal(plan.U).pow(-2)  # (in,) in visiting order
+        if perm is not None:
+            pivots = pivots[torch.argsort(perm)]  # static groups are fitted in the natural order
+        pivots[plan.damped.dead] = 0.0
+
+    def fit(x: torch.Tensor, sl: slice):  # x (rows, ≤ g): the columns sl of one group
+        return grid.fit(x, weights=pivots[sl]) if weighted else grid.fit(x)
+
     if perm is not None:
-        static = [grid.fit(W[:, sl]) for sl in group_slices(cols, g)]
+        static = [fit(W[:, sl], sl) for sl in group_slices(cols, g)]
         group_of = (perm // g).tolist()  # group of each visited column
         W = W[:, perm]
     U = plan.U
@@ -115,7 +129,7 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
             elif col % g == 0:
                 # the group's columns are up to date: inside this block, or the block starts the group
                 src = W1[i : i + g] if col + g <= i2 else Wt[col : col + g]
-                p = grid.fit(src.T)
+                p = fit(src.T, slice(col, col + src.shape[0]))
                 fitted.append(p)
             if d == 1:
                 q = grid.round(W1[i][:, None], p)[:, 0]  # (rows,)
