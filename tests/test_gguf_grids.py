@@ -658,6 +658,24 @@ def test_ldlq_on_k_quants(kind):
     assert h_weighted_error(W - r.Q, H) < 0.7 * h_weighted_error(W - rtn.dequantize(), H)
 
 
+@pytest.mark.parametrize("kind", K_KINDS)
+def test_ldlq_fits_k_quant_super_blocks_under_the_ldl_pivots(kind):
+    """The k-quants take the same importances (LDLQ's 1/U_ii²) in their choice of d and the sub-block codes: equal
+    weights are the unweighted fit exactly, and on a correlated H the H-weighted error is below the unweighted
+    fits' (measured 0.74-0.93 of it)."""
+    grid = make_grid(kind, K_FIXED[kind], 256)
+    x = _matrix("heavy", rows=8, cols=256, seed=31)
+    p, q = grid.fit(x), grid.fit(x, torch.full((256,), 3.7))
+    assert torch.equal(p.scale, q.scale) and (p.zero is None or torch.equal(p.zero, q.zero))
+    plain = type(f"{kind}_unweighted", (type(grid),), {"weighted_fit": False})()
+    W = _matrix("gauss", rows=32, cols=512, seed=41)
+    H = correlated_hessian(512, seed=42)
+    plan = ldlq_plan(regularize(H, 0.01))
+    r, r0 = ldlq_round(W, plan, grid), ldlq_round(W, plan, plain)
+    assert torch.equal(r.qt.dequantize(), r.Q)
+    assert h_weighted_error(W - r.Q, H) < 0.96 * h_weighted_error(W - r0.Q, H)
+
+
 def test_k_quant_short_rows():
     """A row of 288 is a super-block and a short one in lqlr (the padding costs no error); the GGUF bytes refuse it."""
     grid = make_grid("q4_k", 4, 256)

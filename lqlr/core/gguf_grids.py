@@ -55,7 +55,7 @@ class GGUFGrid(Grid):
     code_min: int = 0
     affine: bool = False
     uniform: bool = True  # levels are consecutive integers (all but IQ4_NL)
-    weighted_fit = True  # fit takes per-weight importances (LDLQ passes diag H)
+    weighted_fit = True  # fit takes per-weight importances (LDLQ passes its LDL pivots)
     # fit: scale candidates d = d_ref / f for f in linspace(SHRINK, WIDEN, CANDIDATES) (f = 1 is d_ref)
     CANDIDATES = 24
     SHRINK = 0.55
@@ -339,6 +339,7 @@ class KQuantGrid(Grid):
     code_lo, code_hi = 0, 63  # range of the sub-block scale (and min) codes
     SCALE_BITS = 6  # bits of each sub-block scale (and min) code
     offset = 0  # level q = c − offset
+    weighted_fit = True  # fit takes per-weight importances (LDLQ passes its LDL pivots)
     # llama.cpp's make_qkx2_quants search (rmin, rdelta, nstep)
     QKX2 = (-1.0, 0.1, 20)
     D_FACTORS = (1.0, 0.97, 0.94, 0.9)  # d = f · largest target / code_hi
@@ -415,17 +416,19 @@ class KQuantGrid(Grid):
         s, mu = self._effective(p, start, x.shape[1])
         return self._values(self._levels(x.to(torch.float32), s, mu), s, mu)
 
-    def fit(self, x: torch.Tensor) -> SuperBlockParams:
+    def fit(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> SuperBlockParams:
         """d, the sub-block codes (and dmin, min codes) of each row of the super-block x (rows, ≤ 256): of the
-        candidates (see the class docstring), the one with the least Σ_j (x_j − x̂_j)²."""
+        candidates (see the class docstring), the one with the least Σ_j w_j (x_j − x̂_j)² (``weights`` w as in
+        :meth:`GGUFGrid.fit`: (width,) or (rows, width), None = all 1; the candidates' own targets keep
+        llama.cpp's weights)."""
         x = x.to(torch.float32)
         rows, width = x.shape
         if width > QK_K:
             raise ValueError(f"{self.kind}: a super-block holds {QK_K} weights, got {width} columns")
-        mask = torch.ones(rows, QK_K, device=x.device)
+        mask = _block_weights(x, weights)  # (rows, width): the error's weight of each weight
         if width < QK_K:  # a short last group: zero-padded, the padding counts for no error
             x = torch.nn.functional.pad(x, (0, QK_K - width))
-            mask[:, width:] = 0
+            mask = torch.nn.functional.pad(mask, (0, QK_K - width))
         X = x.reshape(rows, self.n_sub, self.sub)
         M = mask.reshape(rows, self.n_sub, self.sub)
         best_err, best = None, None
@@ -446,7 +449,7 @@ class KQuantGrid(Grid):
 
     # ----- fitting helpers -------------------------------------------------------------------
     def _sub_errors(self, X, M, d, sc, dmin, m) -> torch.Tensor:
-        """Σ (x − x̂)² per row and sub-block, (rows, n_sub), under d (rows, 1), codes sc (rows, n_sub)."""
+        """Σ M (x − x̂)² per row and sub-block, (rows, n_sub), under d (rows, 1), codes sc (rows, n_sub); M the weights."""
         s = (d * sc)[..., None]
         mu = None if dmin is None else (dmin * m)[..., None]
         err = (self._values(self._levels(X, s, mu), s, mu) - X).pow(2) * M
