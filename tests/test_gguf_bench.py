@@ -165,6 +165,37 @@ def test_missing_tools_skip_the_llamacpp_rows(tmp_path, monkeypatch, capsys):
     assert "choose from q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl" in capsys.readouterr().err
 
 
+def test_llamacpp_rows_are_reused_from_an_earlier_results_file(tmp_path, monkeypatch, capsys):
+    """--llamacpp-rows takes llama.cpp's rows of the --types from an earlier gguf.json (no tools needed), marks them
+    and says so under the table; rows of another model or window length, a type without rows, or rows that disagree
+    on the reference's ppl are refused in one line."""
+    from lqlr.bench import main
+
+    monkeypatch.setenv(llamacpp.ENV, str(tmp_path / "no-build"))
+    rows = [{**_rec("q4_0", m, 4.5, 12.0, 0.1), "model": "stories260k", "eval_tokens": 64, "eval_seq_len": 64}
+            for m in ("llamacpp-imatrix", "llamacpp")] + [_rec("q5_0", "llamacpp", 5.5, 11.0, 0.05)]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"records": rows, "meta": {"command": "lqlr-bench gguf --types q4_0",
+                                                         "start_max_abs_diff": 0.0}}))
+    args = ["gguf", "--model", "stories260k", "--skip-lqlr", "--max-windows", "1", "--seq-len", "64",
+            "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "results"), "--llamacpp-rows", str(old)]
+    main([*args, "--types", "q4_0"])
+    data = json.loads((tmp_path / "results" / "gguf.json").read_text())
+    assert [r["method"] for r in data["records"]] == ["llamacpp-imatrix", "llamacpp"]
+    assert all(r["reused_from"] == "old.json" for r in data["records"]) and data["meta"]["skipped"] is None
+    assert data["meta"]["llamacpp_rows_from"] == {"file": "old.json", "command": "lqlr-bench gguf --types q4_0"}
+    md = (tmp_path / "results" / "gguf.md").read_text()
+    assert "| q4_0 | llama.cpp, imatrix | q4_0 × 210 | 4.500 | 4.500 | 12.000 | 0.1000 |" in md
+    assert "kept from old.json as measured there" in md
+    for types, message in ((["q5_0"], "row was measured on (model, tokens, window) = ('m', 8192, 2048)"),
+                           (["q4_0", "q8_0"], "has no llama.cpp rows for q8_0")):
+        with pytest.raises(SystemExit):  # lqlr-bench reports a ValueError in one line
+            main([*args, "--types", *types])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="disagree on the reference"):
+        G.check_reference([rows[0], {**rows[1], "ppl_reference": 11.0}])
+
+
 # ----- with llama.cpp's tools ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):

@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
     p.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp's rows")
     p.add_argument("--skip-lqlr", action="store_true", help="leave out lqlr's rows")
+    p.add_argument("--llamacpp-rows", default=None, metavar="GGUF_JSON",
+                   help="take llama.cpp's rows from this earlier results file (same model and windows) instead of "
+                        "running llama-quantize")
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "lqlr" / "bench-gguf"),
                    help="exports, GGUF files and finished rows (a rerun runs only the missing rows)")
     p.add_argument("--name", default="gguf", help="results file name (default: gguf)")

