@@ -56,6 +56,7 @@ LABELS = {"lqlr-k0": "lqlr-GGUF, LDLQ (k = 0)", "lqlr-q": "lqlr-GGUF rank {r}: Q
           "llamacpp": "llama.cpp, no imatrix"}
 TOOLS_NEEDED = ("quantize", "imatrix")
 LORA_ALPHA = "adapter.lora.alpha"
+REFERENCE_RTOL = 1e-4  # rows kept from another run must agree on the reference's ppl to this (relative)
 
 
 # ----- reading GGUF files back into a transformers model -------------------------------------------
@@ -359,12 +360,12 @@ def reused_llama_rows(path: str | os.PathLike, model_name: str, kinds: list[str]
 
 
 def check_reference(records: list[Record]) -> None:
-    """One-line ValueError when the rows disagree on the float32 reference's perplexity (rows from another
-    evaluation)."""
-    refs = {round(r["ppl_reference"], 6) for r in records}
-    if len(refs) > 1:
-        raise ValueError(f"the rows disagree on the reference's ppl ({sorted(refs)}): they come from different "
-                         "evaluations")
+    """One-line ValueError when the rows disagree on the float32 reference's perplexity by more than 1e-4 relative
+    (rows from another evaluation; runs with other thread counts differ by ~1e-5: float sums in another order)."""
+    refs = sorted(r["ppl_reference"] for r in records)
+    if refs and refs[-1] > refs[0] * (1 + REFERENCE_RTOL):
+        raise ValueError(f"the rows disagree on the reference's ppl ({refs[0]:.6f} … {refs[-1]:.6f}): they come from "
+                         "different evaluations")
 
 
 def source_gguf(model_name: str) -> Path:
