@@ -75,3 +75,18 @@ def test_fp16_factors():
     U, S, Vh = torch.linalg.svd(A)
     best = (S[5:] ** 2).sum()  # Eckart–Young
     assert h_weighted_error(A - f.L @ f.R, None) == pytest.approx(float(best), rel=1e-2)
+
+
+def test_one_svd_serves_every_smaller_rank():
+    from lqlr.core.lowrank import weighted_svd
+
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(48, 64, generator=gen)
+    C = cholesky(regularize(correlated_hessian(64, seed=4), 0.01).H)
+    shared = weighted_svd(A, C, 24, "exact")
+    for k in (4, 24):
+        L, R = rank_k_fit(A, C, k, method="exact", svd=shared)
+        L0, R0 = rank_k_fit(A, C, k, method="exact")
+        assert torch.equal(L, L0) and torch.equal(R, R0)
+    with pytest.raises(ValueError, match="rank 32 needs 32"):
+        rank_k_fit(A, C, 32, svd=shared)

@@ -77,3 +77,45 @@ def test_codes_reproduce_values_and_dead_inputs():
     r = ldlq_round(T, ldlq_plan(regularize(H, 0.01)), UniformGrid(3, 32))
     assert torch.equal(r.qt.dequantize(), r.Q)
     assert torch.isfinite(r.Q).all()
+
+
+@pytest.mark.parametrize("rows,cols,g,block,dead", [(16, 576, 64, 128, False), (300, 200, 64, 32, True),
+                                                    (33, 100, 30, 64, False), (130, 96, 96, 256, True)])
+def test_compiled_column_loop_equals_torch_loop(rows, cols, g, block, dead):
+    from lqlr.core.ldlq import _extension
+
+    if _extension() is None:
+        pytest.skip("the C++ extension cannot be built here (no compiler or ninja)")
+    gen = torch.Generator().manual_seed(rows)
+    T = torch.randn(rows, cols, generator=gen)
+    H = correlated_hessian(cols, seed=2)
+    if dead:  # inputs that are never active: zero rows and columns of H
+        H[:3], H[:, :3] = 0, 0
+    plan = ldlq_plan(regularize(H, 0.01))
+    grid = UniformGrid(3, g)
+    fast = ldlq_round(T, plan, grid, block_size=block, compiled=True)
+    ref = ldlq_round(T, plan, grid, block_size=block, compiled=False)
+    assert torch.equal(fast.Q, ref.Q) and torch.equal(fast.qt.codes, ref.qt.codes)
+    assert torch.equal(fast.qt.scale, ref.qt.scale) and fast.damped_error == pytest.approx(ref.damped_error, rel=1e-6)
+
+
+def test_range_search_is_the_best_shrink_of_every_row():
+    # brute force: every shrink factor's fp16 range and rounding written out per row, the first least error kept
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 48, generator=gen) * torch.rand(37, 1, generator=gen) * 4
+    x[:5] = x[:5].abs()  # rows without negative values: the range is clamped to hold 0
+    grid = UniformGrid(3, 48)
+    grid.FIT_BATCH = 37 * 48 * 3  # three candidates per batch: the batched search across batches
+    p = grid.fit(x)
+    for r in range(x.shape[0]):
+        best = None
+        for f in torch.linspace(1.0, grid.clip_min, grid.clip_grid).tolist():
+            lo, hi = min(float(x[r].min()) * f, 0.0), max(float(x[r].max()) * f, 0.0)
+            s = max(float(torch.tensor((hi - lo) / grid.maxq).half().float()), float(torch.finfo(torch.float16).tiny))
+            z = min(max(round(-lo / s), 0), grid.maxq)
+            q = (torch.clamp(torch.round(x[r] / s) + z, 0, grid.maxq) - z) * s
+            err = float((q - x[r]).double().pow(2).sum())
+            if best is None or err < best[0] * (1 - 1e-6):
+                best = (err, s, z)
+        got = (grid.round(x[r : r + 1], type(p)(scale=p.scale[r : r + 1], zero=p.zero[r : r + 1])) - x[r]).pow(2).sum()
+        assert float(got) == pytest.approx(best[0], rel=1e-5)

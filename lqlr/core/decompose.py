@@ -147,10 +147,11 @@ def round_q(prep: Prepared, T: torch.Tensor, cfg: QLRConfig) -> tuple[Rounded, f
     return r, r.damped_error - float((Hd.added.double() * col_sq.double()).sum())
 
 
-def fit_factors(prep: Prepared, A: torch.Tensor, cfg: QLRConfig, it: int) -> Factors:
-    """L, R ← argmin tr((A − L R) H (A − L R)ᵀ) on the factor grids, A (out, in) in the rotated basis."""
+def fit_factors(prep: Prepared, A: torch.Tensor, cfg: QLRConfig, it: int, start=None) -> Factors:
+    """L, R ← argmin tr((A − L R) H (A − L R)ᵀ) on the factor grids, A (out, in) in the rotated basis.
+    ``start``: A C's top singular triplets (:func:`lqlr.core.lowrank.weighted_svd`), shared across ranks."""
     return lr_step(A, prep.plan, prep.C, cfg.rank, cfg.bl, cfg.br, cfg.factor_groups, cfg.factor_grid, cfg.lr_iters,
-                   cfg.damp, cfg.block_size, cfg.clip_search, cfg.svd, seed=cfg.seed * 1000 + it)
+                   cfg.damp, cfg.block_size, cfg.clip_search, cfg.svd, seed=cfg.seed * 1000 + it, start=start)
 
 
 def decompose(W: torch.Tensor, H: torch.Tensor | None, cfg: QLRConfig | None = None,

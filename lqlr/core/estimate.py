@@ -32,7 +32,7 @@ from lqlr.core.decompose import (
     round_q,
 )
 from lqlr.core.incoherence import Rotation
-from lqlr.core.lowrank import Factors
+from lqlr.core.lowrank import Factors, exact_svd, weighted_svd
 
 FACTOR_FIELDS = ("rank", "bl", "br", "group_size", "factor_grid", "lr_iters", "damp", "block_size", "clip_search",
                  "svd", "seed")
@@ -113,10 +113,14 @@ def _one_pass_costs(prep: Prepared, H: torch.Tensor | None, decomposed_under_h: 
         S = torch.randperm(out_f, generator=gen, device="cpu")[:rows].sort().values.to(device)
     Wr_S = prep.Wr if S is None else prep.Wr[S]
     factors: dict[tuple, Factors] = {}
+    # one exact SVD of W C serves every rank and factor grid whose start is exact (its top-k triplets)
+    ranked = [c for c in options if c.rank and exact_svd(c.svd, *prep.Wr.shape)]
+    start = weighted_svd(prep.Wr, prep.C, max(c.rank for c in ranked), "exact") if ranked else None
     for cfg in options:  # one LR step per factor setting, on W itself (Q = 0 before the first LR step)
         key = _key(cfg, FACTOR_FIELDS)
         if cfg.rank and key not in factors:
-            factors[key] = fit_factors(prep, prep.Wr, cfg, 0)
+            shared = start if exact_svd(cfg.svd, *prep.Wr.shape) else None
+            factors[key] = fit_factors(prep, prep.Wr, cfg, 0, start=shared)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for j, cfg in enumerate(options):
         groups[_key(cfg, ROUND_FIELDS)].append(j)

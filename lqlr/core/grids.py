@@ -84,6 +84,7 @@ class UniformGrid(Grid):
     """Asymmetric uniform grid: x ≈ (c − z)·s, c ∈ [0, 2^b − 1], fp16 s, b-bit integer z."""
 
     kind = "uniform"
+    FIT_BATCH = 1 << 22  # values per batch of the range search's candidates
 
     def __init__(self, bits: int, group_size: int, clip_search: bool = True,
                  clip_grid: int = 16, clip_min: float = 0.5) -> None:
@@ -113,16 +114,24 @@ class UniformGrid(Grid):
         best = self._params(xmin, xmax)
         if not self.clip_search:
             return best
-        # min over shrink factors p of ||x − round_p(x)||² per row (GPTQ's "mse" range search)
-        best_err = (self.decode(self.encode(x, best), best) - x).pow(2).sum(dim=1, keepdim=True)
-        for p in torch.linspace(1.0, self.clip_min, self.clip_grid, device="cpu")[1:].tolist():  # host scalars
-            cand = self._params(p * xmin, p * xmax)
-            err = (self.decode(self.encode(x, cand), cand) - x).pow(2).sum(dim=1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = GroupParams(scale=torch.where(better, cand.scale, best.scale),
-                               zero=torch.where(better, cand.zero, best.zero))
-        return best
+        # min over shrink factors p of ||x − round_p(x)||² per row (GPTQ's "mse" range search), the candidates in
+        # batches of (rows, P, g) values; the first least error wins (p = 1 first: the unshrunk range)
+        shrink = torch.linspace(1.0, self.clip_min, self.clip_grid, device="cpu").to(x.device)  # (P,)
+        cand = self._params(xmin * shrink, xmax * shrink)  # scale, zero (rows, P)
+        rows, g = x.shape
+        step = max(1, self.FIT_BATCH // max(1, rows * g))
+        best_err, best_k = None, None
+        for j in range(0, len(shrink), step):
+            s3, z3 = cand.scale[:, j : j + step, None], cand.zero[:, j : j + step, None]
+            xq = torch.clamp(torch.round(x[:, None, :] / s3) + z3, 0, self.maxq).sub_(z3).mul_(s3)  # (rows, P', g)
+            err, k = (xq - x[:, None, :]).pow_(2).sum(dim=2).min(dim=1, keepdim=True)  # (rows, 1)
+            k = k + j
+            if best_err is None:
+                best_err, best_k = err, k
+            else:
+                better = err < best_err
+                best_err, best_k = torch.where(better, err, best_err), torch.where(better, k, best_k)
+        return GroupParams(scale=cand.scale.gather(1, best_k), zero=cand.zero.gather(1, best_k))
 
     def encode(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
         return torch.clamp(torch.round(x / p.scale) + p.zero, 0, self.maxq).to(torch.uint8)

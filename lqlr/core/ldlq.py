@@ -13,6 +13,7 @@ nearest-codeword rounding, and with d = 1 it is the scalar loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,7 @@ from lqlr.core.grids import (
     QuantizedTensor,
     encode_groups,
     group_slices,
+    UniformGrid,
     quantize_rtn,
 )
 from lqlr.core.hessian import DampedHessian, inverse_cholesky_upper
@@ -65,12 +67,15 @@ class Rounded:
     damped_error: float | None  # tr((T − Q) H_d (T − Q)ᵀ) from the LDL identity (None for RTN)
 
 
-def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: int = 128) -> Rounded:
+def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: int = 128,
+               compiled: bool = True) -> Rounded:
     """Round T (rows, in) onto ``grid``: min tr((T − Q) H (T − Q)ᵀ) by LDLQ with lazy block updates.
 
     ``plan`` = None means H = I: plain round-to-nearest. Group parameters are fitted on the
     error-updated columns when LDLQ reaches a group's first column; with act-order they are
-    fitted once up front on T (static groups), as the visiting order crosses groups.
+    fitted once up front on T (static groups), as the visiting order crosses groups. On a CPU the
+    scalar uniform grid's column loop runs compiled (``ldlq_cpu.cpp``) when it is available and
+    ``compiled``; the torch loop below is its reference and runs everywhere else.
     """
     d = grid.dim
     if d > 1 and plan is not None and plan.perm is not None:
@@ -111,6 +116,10 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
     block = aligned_block(block_size, g, d)
 
     inv_d = (1.0 / torch.diagonal(U)).tolist()  # 1 / U_ii, as Python floats for the hot loop
+    # the compiled column loop (uniform grid, CPU, dynamic groups): one call per group segment of a block
+    ext = _extension() if (d == 1 and static is None and type(grid) is UniformGrid and T.device.type == "cpu"
+                           and compiled) else None
+    inv_dt = (1.0 / torch.diagonal(U)).contiguous() if ext is not None else None
     Wt = W.T.contiguous()  # (in, rows): column i of W is the contiguous row Wt[i]
     Qt = torch.empty(cols, rows, dtype=torch.float32, device=T.device)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=T.device) if d > 1 else None  # vector grids: kept
@@ -122,6 +131,20 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
         W1 = Wt[i1:i2].clone()  # (b, rows) columns of this block, updated in place
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
+        if ext is not None:
+            U1c, inv_b = U1.contiguous(), inv_dt[i1:i2].contiguous()
+            for i in range(0, i2 - i1, g if block >= g else i2 - i1):  # groups inside the block, or the block in one
+                col = i1 + i
+                if col % g == 0:  # the group's columns are up to date (see below)
+                    src = W1[i : i + g] if col + g <= i2 else Wt[col : col + g]
+                    p = fit(src.T, slice(col, col + src.shape[0]))
+                    fitted.append(p)
+                n = min(g - col % g, i2 - col)
+                ext.ldlq_columns(W1, U1c, Qt, Err1, i, n, col, p.scale.reshape(-1).contiguous(),
+                                 p.zero.reshape(-1).contiguous(), float(grid.maxq), inv_b)
+            total += Err1.double().pow(2).sum()
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
+            continue
         for i in range(0, i2 - i1, d):
             col = i1 + i
             if static is not None:
@@ -161,3 +184,9 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
         codes = encode_groups(Q, grid, fitted)
     qt = QuantizedTensor(codes=codes, scale=scale, zero=zero, grid=grid)
     return Rounded(qt=qt, Q=Q, damped_error=float(total))
+
+
+def _extension():
+    from lqlr.util.cpp import compiled
+
+    return compiled(Path(__file__).with_name("ldlq_cpu.cpp"), "lqlr_ldlq")

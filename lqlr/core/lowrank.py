@@ -20,10 +20,15 @@ from lqlr.core.ldlq import LDLQPlan, ldlq_plan, ldlq_round
 EXACT_SVD_MAX_DIM = 1024  # "auto": exact SVD up to this min(out, in), randomized above
 
 
+def exact_svd(method: str, m: int, n: int) -> bool:
+    """Whether ``svd=method`` decomposes an m × n matrix exactly (else by a randomized range finder)."""
+    return method == "exact" or (method == "auto" and min(m, n) <= EXACT_SVD_MAX_DIM)
+
+
 def _top_svd(apply, apply_t, m: int, n: int, k: int, exact_matrix, method: str, seed: int,
              device: torch.device):
     """Top-k SVD (U, S, Vh) of an implicit m × n matrix B given products B·X and Bᵀ·Y."""
-    if method == "exact" or (method == "auto" and min(m, n) <= EXACT_SVD_MAX_DIM):
+    if exact_svd(method, m, n):
         U, S, Vh = torch.linalg.svd(exact_matrix(), full_matrices=False)
         return U[:, :k], S[:k], Vh[:k]
     # randomized range finder with power iterations (Halko, Martinsson & Tropp 2011)
@@ -41,12 +46,9 @@ def _top_svd(apply, apply_t, m: int, n: int, k: int, exact_matrix, method: str, 
     return (Qy @ Us)[:, :k], S[:k], Vh[:k]
 
 
-def rank_k_fit(A: torch.Tensor, C: torch.Tensor | None, k: int, method: str = "auto",
-               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """min over L (m, k), R (k, n) of ‖(A − L R) C‖_F, with C the lower Cholesky factor of H.
-
-    C = None means H = I. Returns L = U√S (m, k) and R = √S Vᵀ C⁻¹ (k, n).
-    """
+def weighted_svd(A: torch.Tensor, C: torch.Tensor | None, k: int, method: str = "auto",
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k SVD (U, S, Vh) of A C (C = None: of A), exact or randomized as ``method`` says."""
     m, n = A.shape
     k = min(k, m, n)
     if C is None:
@@ -55,7 +57,23 @@ def rank_k_fit(A: torch.Tensor, C: torch.Tensor | None, k: int, method: str = "a
     else:
         apply, apply_t = (lambda X: A @ (C @ X)), (lambda Y: C.T @ (A.T @ Y))
         exact = lambda: A @ C  # noqa: E731
-    U, S, Vh = _top_svd(apply, apply_t, m, n, k, exact, method, seed, A.device)
+    return _top_svd(apply, apply_t, m, n, k, exact, method, seed, A.device)
+
+
+def rank_k_fit(A: torch.Tensor, C: torch.Tensor | None, k: int, method: str = "auto",
+               seed: int = 0, svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """min over L (m, k), R (k, n) of ‖(A − L R) C‖_F, with C the lower Cholesky factor of H.
+
+    C = None means H = I. Returns L = U√S (m, k) and R = √S Vᵀ C⁻¹ (k, n). ``svd``: this A C's
+    :func:`weighted_svd` with at least k triplets, computed once for several ranks (else computed here).
+    """
+    m, n = A.shape
+    k = min(k, m, n)
+    if svd is not None and svd[1].shape[0] < k:
+        raise ValueError(f"rank_k_fit: the given SVD has {svd[1].shape[0]} singular values, rank {k} needs {k}")
+    U, S, Vh = svd if svd is not None else weighted_svd(A, C, k, method, seed)
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
     root = S.clamp_min(0).sqrt()
     L = U * root  # (m, k)
     Rc = root[:, None] * Vh  # (k, n) = √S Vᵀ in the C basis
@@ -102,14 +120,15 @@ def lr_objective(A: torch.Tensor, H: torch.Tensor | None, L: torch.Tensor, R: to
 
 def lr_step(A: torch.Tensor, plan: LDLQPlan | None, C: torch.Tensor | None, k: int, bl: int, br: int,
             group_size: int, grid: str = "uniform", lr_iters: int = 3, damp: float = 0.01,
-            block_size: int = 128, clip_search: bool = True, svd: str = "auto", seed: int = 0) -> Factors:
+            block_size: int = 128, clip_search: bool = True, svd: str = "auto", seed: int = 0,
+            start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Factors:
     """min over L, R on their grids of tr((A − L R) H (A − L R)ᵀ), by LPLR from the closed form.
 
     ``plan`` holds the damped H (None: H = I) and ``C`` its lower Cholesky factor. Factors with
     16 bits are kept as fp16 values. The alternation keeps its best iterate and stops as soon as
-    the objective stops falling.
+    the objective stops falling. ``start``: A C's :func:`weighted_svd` (≥ k triplets), shared by several ranks.
     """
-    L, R = rank_k_fit(A, C, k, method=svd, seed=seed)
+    L, R = rank_k_fit(A, C, k, method=svd, seed=seed, svd=start)
     k = L.shape[1]
     if bl == FLOAT_BITS and br == FLOAT_BITS:
         return Factors(L=_fp16(L), R=_fp16(R), qL=None, qR=None)
