@@ -73,7 +73,9 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
 
     ``plan`` = None means H = I: plain round-to-nearest. Group parameters are fitted on the
     error-updated columns when LDLQ reaches a group's first column; with act-order they are
-    fitted once up front on T (static groups), as the visiting order crosses groups. On a CPU the
+    fitted once up front on T (static groups), as the visiting order crosses groups. Grids whose
+    fit takes weights (``grid.weighted_fit``: the GGUF blocks) fit each group under its columns'
+    LDL pivots 1/U_ii², their errors' weights in tr(E H Eᵀ). On a CPU the
     scalar uniform grid's column loop runs compiled (``ldlq_cpu.cpp``) when it is available and
     ``compiled``; the torch loop below is its reference and runs everywhere else.
     """
