@@ -84,7 +84,7 @@ class UniformGrid(Grid):
     """Asymmetric uniform grid: x ≈ (c − z)·s, c ∈ [0, 2^b − 1], fp16 s, b-bit integer z."""
 
     kind = "uniform"
-    FIT_BATCH = 1 << 22  # values per batch of the range search's candidates
+    FIT_BATCH = 1 << 18  # values per batch of the range search's candidates (larger batches leave the cache)
 
     def __init__(self, bits: int, group_size: int, clip_search: bool = True,
                  clip_grid: int = 16, clip_min: float = 0.5) -> None:
