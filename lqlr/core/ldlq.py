@@ -137,7 +137,7 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
             U1c, inv_b = U1.contiguous(), inv_dt[i1:i2].contiguous()
             for i in range(0, i2 - i1, g if block >= g else i2 - i1):  # groups inside the block, or the block in one
                 col = i1 + i
-                if col % g == 0:  # the group's columns are up to date (see below)
+                if col % g == 0:  # up to date: this block's earlier columns were fed forward in place
                     src = W1[i : i + g] if col + g <= i2 else Wt[col : col + g]
                     p = fit(src.T, slice(col, col + src.shape[0]))
                     fitted.append(p)
