@@ -320,12 +320,13 @@ def test_stories260k_with_fallback_logits_match(stories, story):
     _check_blocks(model, files)
     shipped = _compare("stories260K q4_0 (f16 fallback) Q+LR", model, files, story, lora=True)
     _compare("stories260K q4_0 (f16 fallback) Q", _q_only(load(export)), files, story, lora=False)
-    # llama-cli's --no-repack, and llama.cpp's default f16 K/V cache, change little
+    # llama-cli's --no-repack, and llama.cpp's default f16 K/V cache, change little: within issue 19's bounds, or
+    # (where the shipped files are below them) as well as the shipped files, top-1 to two positions
     ref = _lqlr_logits(model, story)
     for name, kw in (("no-repack", {"repack": False}), ("K/V f16", {"kv": "f16"})):
         f = FIGURES[f"stories260K q4_0 (f16 fallback) Q+LR {name}"] = _agreement(
             ref, llamacpp.logits(files["q"], story, lora=files["q_lora"], **kw))
-        assert f["kl_mean"] <= KL and f["top1"] >= shipped["top1"] - 2 / f["positions"], (name, f)
+        assert f["kl_mean"] <= KL and f["top1"] >= min(TOP1, shipped["top1"] - 2 / f["positions"]), (name, f)
 
 
 K_MODEL = dict(hidden=256, ffn=512, layers=2, heads=4, kv_heads=2, ctx=128)
