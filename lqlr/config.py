@@ -169,7 +169,9 @@ class Menu:
     matrix; ``[False, True]`` decomposes each matrix both ways and lets the allocator pick.
     ``cost_rows``: the Q step of each cost estimate runs on this many sampled rows of a matrix
     (None: all rows, exact; see :mod:`lqlr.core.estimate`). ``grid``: None keeps the method's grid of Q;
-    a list (e.g. ``[uniform, e8p]``) offers each, with the BQ and groups each can take."""
+    a list (e.g. ``[uniform, e8p]``) offers each, with the BQ and groups each can take.
+    ``sensitivity_samples``: the output sensitivities from the first this many calibration sequences
+    (None: all of them; the Hessians always use all)."""
 
     bq: list[int] = field(default_factory=lambda: [2, 3, 4])
     rank: list[int] = field(default_factory=lambda: [0, 16, 64])
@@ -179,6 +181,7 @@ class Menu:
     incoherence: Optional[list[bool]] = None
     cost_rows: Optional[int] = 256
     grid: Optional[list[str]] = None
+    sensitivity_samples: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -190,6 +193,9 @@ class Menu:
         _check(self.iters >= 1, f"budget.menu.iters={self.iters}: need at least one outer iteration")
         _check(self.cost_rows is None or self.cost_rows >= 1,
                f"budget.menu.cost_rows={self.cost_rows}: give a number of rows ≥ 1, or null for every row (exact)")
+        _check(self.sensitivity_samples is None or self.sensitivity_samples >= 1,
+               f"budget.menu.sensitivity_samples={self.sensitivity_samples}: give a number of sequences ≥ 1, "
+               "or null for every calibration sequence")
 
     def options(self, base: QLRConfig, out_features: int, in_features: int) -> list[QLRConfig]:
         """Distinct valid configurations for an (out × in) matrix, built on ``base`` (grids, incoherence…)."""

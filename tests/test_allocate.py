@@ -265,6 +265,28 @@ def test_blockwise_cost_table_equals_the_one_from_whole_model_hessians():
         assert a == pytest.approx(b, rel=1e-6, abs=1e-12)
 
 
+def test_sensitivity_samples_use_the_first_sequences_and_all_of_them_for_the_hessians(tmp_path):
+    from lqlr.budget.allocator import cost_table
+    from lqlr.calibrate.capture import capture_hessians
+
+    model = _tiny()
+    ids = torch.randint(0, 97, (6, 32), generator=torch.Generator().manual_seed(7))
+    base = QLRConfig(group_size=32)
+    menu = Menu(bq=[2, 3], rank=[0, 8], group_size=[32], sensitivity_samples=2)
+    _, table = auto_plan(model, ids, base, 3.0, menu, progress=False, cache_dir=tmp_path)
+    names = list(target_linears(model))
+    ref = cost_table(model, capture_hessians(model, ids, names, progress=False),
+                     output_sensitivity(model, ids[:2], names, progress=False), menu, base, progress=False, names=names)
+    for a, b in zip(table.costs, ref.costs):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-12)
+    _, every = auto_plan(model, ids, base, 3.0, replace(menu, sensitivity_samples=None), progress=False,
+                         cache_dir=tmp_path)
+    assert every.costs != table.costs  # a cache entry of its own: the sensitivities differ
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    with pytest.raises(ValueError, match="sensitivity_samples=0"):
+        Menu(sensitivity_samples=0)
+
+
 def test_output_sensitivity_is_the_same_with_a_chunked_head_and_any_batch_size():
     model = _tiny()
     ids = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(6))

@@ -10,6 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import lqlr
+
 from lqlr.cli.compress import CONFIG_DIR, MainConf, qlr_config, register_configs, run
 
 SMALL = ["model=stories260k", "data=wikitext2", "data.n_samples=8", "data.seq_len=64", "method.iters=2",
@@ -37,6 +39,14 @@ def test_default_config_is_the_embedded_default():
 def test_method_presets(method, rank, use_h):
     cfg = _compose([f"method={method}"])
     assert cfg.method.rank == rank and cfg.method.use_hessian is use_h
+
+
+def test_auto_fast_budget_is_the_allocator_with_the_light_cost_table():
+    cfg = _compose(["budget=auto_fast"])
+    assert (cfg.budget.mode, cfg.budget.bits) == ("auto", 3.5)
+    m = cfg.budget.menu
+    assert isinstance(m, lqlr.Menu) and (m.group_size, m.cost_rows, m.sensitivity_samples) == ([64], 128, 8)
+    assert _compose(["budget=auto"]).budget.menu.sensitivity_samples is None  # the full allocator keeps every sequence
 
 
 @pytest.mark.parametrize("override", ["method.bq=abc", "method.nonsense=1", "budget.bits=lots"])

@@ -37,6 +37,22 @@ def test_forward_matches_dense_weight(opts):
 
 
 @pytest.mark.parametrize("opts", CONFIGS)
+def test_dense_cache_forward_is_the_decomposition(opts):
+    # the evaluation's cache keeps Q, L, R in the original basis: no rotation per call, the same function
+    d, b, mod = _module(opts)
+    x = torch.randn(3, 5, 96)
+    packed = mod.reference_forward(x)
+    q_only = mod.reference_forward(x, factors=False)
+    mod.cache_dense(True)
+    assert torch.allclose(mod(x), x @ d.weight().T + b, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(mod(x), packed, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(mod.reference_forward(x, factors=False), q_only, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(q_only, x @ d.Q.T + b, atol=1e-4, rtol=1e-4)
+    mod.cache_dense(False)
+    assert torch.equal(mod.reference_forward(x), packed)
+
+
+@pytest.mark.parametrize("opts", CONFIGS)
 def test_packed_round_trip(opts):
     d, b, mod = _module(opts)
     clone = QLRLinear(96, 48, mod.spec, bias=True)

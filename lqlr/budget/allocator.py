@@ -183,16 +183,18 @@ def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: floa
     path = None
     if cache_dir is not None:
         weights = [weights_key] if lazy else [weight_of(model.get_submodule(n)).detach() for n in names]
-        key = fingerprint(*weights, ids, names, use_hessian, menu.cost_rows)
+        key = fingerprint(*weights, ids, names, use_hessian, menu.cost_rows,
+                          *(() if menu.sensitivity_samples is None else (menu.sensitivity_samples,)))
         path = Path(cache_dir) / f"{key[:32]}.costs.json"
         if path.is_file():
             known = json.loads(path.read_text())
     todo = missing_options(matrix_options(model, names, menu, base, fixed), known)
     if any(todo.values()):  # (every option already measured: no Hessians, sensitivities or decompositions at all)
+        sens_ids = ids if menu.sensitivity_samples is None else ids[: menu.sensitivity_samples]
         if lazy:
-            sens = blockwise_sensitivity(model, ids, names, load_block, release_block, progress=progress)
+            sens = blockwise_sensitivity(model, sens_ids, names, load_block, release_block, progress=progress)
         else:
-            sens = output_sensitivity(model, ids, names, progress=progress)
+            sens = output_sensitivity(model, sens_ids, names, progress=progress)
         wanted = [n for n in names if todo[n]]
         # one block's Hessians at a time: captured, turned into that block's costs, then freed
         for _, hessians in blockwise_hessians(model, ids, wanted, progress=progress, load_block=load_block,

@@ -105,7 +105,7 @@ def calibration_ids(
 
 @torch.no_grad()
 def generated_ids(model, tokenizer: PreTrainedTokenizerBase, n_samples: int, seq_len: int, seed: int,
-                  batch_size: int = 16, top_p: float = 0.95, progress: bool = True) -> torch.LongTensor:
+                  batch_size: int = 32, top_p: float = 0.95, progress: bool = True) -> torch.LongTensor:
     """Data-free calibration: ``n_samples`` sequences of ``seq_len`` tokens sampled from the model itself.
 
     Each sequence starts from a random vocabulary token (more diverse than always starting from

@@ -40,10 +40,11 @@ ROUND_FIELDS = ("grid", "bq", "group_size", "block_size", "clip_search", "q2n", 
 
 
 def sensitivity_weighted_error(E: torch.Tensor, H: torch.Tensor | None, s: torch.Tensor) -> float:
-    """Σ_r s_r (E H Eᵀ)_rr for an error E (rows, in), summed in float64: the first-order loss change."""
-    E = E.to(torch.float64)
-    EH = E if H is None else E @ H.to(torch.float64)
-    return float((EH * E).sum(1) @ s.to(torch.float64))
+    """Σ_r s_r (E H Eᵀ)_rr for an error E (rows, in): the first-order loss change. E H in float32 (as
+    :func:`~lqlr.core.hessian.h_weighted_error`), the sums in float64."""
+    E = E.to(torch.float32)
+    EH = E if H is None else E @ H.to(torch.float32)
+    return float((EH.double() * E.double()).sum(1) @ s.to(torch.float64))
 
 
 def rotated_row_weights(U: Rotation, s: torch.Tensor, chunk: int = 512) -> torch.Tensor:

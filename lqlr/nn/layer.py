@@ -198,7 +198,7 @@ class QLRLinear(nn.Linear):
         for name, (shape, dtype) in shapes.items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
-        self._dense_cache: torch.Tensor | None = None
+        self._dense_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # cache_dense(): Q, L, R
         self._merged: torch.Tensor | None = None  # a dense weight written through weight.data (PEFT merge)
         self.compute_dtype = torch.float32  # what weight.dtype reports; follows .to(dtype)/.half()
         object.__setattr__(self, "_parent", None)  # (parent module, name) from attach(); not a submodule
@@ -354,8 +354,9 @@ class QLRLinear(nn.Linear):
         return slot is not None and slot[0]._modules.get(slot[1]) is not self
 
     def cache_dense(self, enabled: bool = True) -> None:
-        """Keep the stored dense Q' in memory between calls (trades memory for speed)."""
-        self._dense_cache = self.stored_q() if enabled else None
+        """Keep Q and L, R dense in the original basis between calls (trades memory for speed): forward is
+        then x Qᵀ + (x Rᵀ) Lᵀ, with no dequantization and no rotation of x or y per call."""
+        self._dense_cache = (self.q_weight(), *self.factors()) if enabled else None
 
     def without_factors(self) -> QLRLinear:
         """A Q-only copy sharing Q's buffers (the frozen base under a LoRA adapter)."""
@@ -396,7 +397,7 @@ class QLRLinear(nn.Linear):
         if self._merged is not None:
             self._merged = fn(self._merged)
         if self._dense_cache is not None:
-            self._dense_cache = self._dense_cache.to(probe.device)
+            self._dense_cache = tuple(t.to(probe.device) for t in self._dense_cache)
         self._fast = None  # buffers may have moved: rebuild on the next forward
         self.__dict__.pop("_twin", None)
         return out
@@ -423,13 +424,18 @@ class QLRLinear(nn.Linear):
 
     def reference_forward(self, x: torch.Tensor, factors: bool = True) -> torch.Tensor:
         """The pure-torch forward: dequantize Q' (and L', R' unless ``factors=False``) now, then dense products."""
+        if self._dense_cache is not None:  # Q, L, R dense in the original basis (cache_dense)
+            Q, L, R = self._dense_cache
+            y = F.linear(x, Q.to(x.dtype))  # x Qᵀ
+            if self.rank > 0 and factors:
+                y = y + F.linear(F.linear(x, R.to(x.dtype)), L.to(x.dtype))  # (x Rᵀ) Lᵀ
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         rot = self.incoherence
         xr = rot.V.apply(x) if rot else x  # x Vᵀ
-        if self._dense_cache is None and torch.is_grad_enabled() and xr.requires_grad:
+        if torch.is_grad_enabled() and xr.requires_grad:
             y = _PackedMatmul.apply(xr, self)  # x' Q'ᵀ; backward re-dequantizes, the dense Q' is not kept
         else:
-            Q = self._dense_cache if self._dense_cache is not None else self.stored_q()
-            y = F.linear(xr, Q.to(x.dtype))  # x' Q'ᵀ
+            y = F.linear(xr, self.stored_q().to(x.dtype))  # x' Q'ᵀ
         if self.rank > 0 and factors:
             L, R = self.stored_factors()
             y = y + F.linear(F.linear(xr, R.to(x.dtype)), L.to(x.dtype))  # (x' R'ᵀ) L'ᵀ
