@@ -11,7 +11,6 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import lqlr
-
 from lqlr.cli.compress import CONFIG_DIR, MainConf, qlr_config, register_configs, run
 
 SMALL = ["model=stories260k", "data=wikitext2", "data.n_samples=8", "data.seq_len=64", "method.iters=2",

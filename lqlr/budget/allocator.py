@@ -183,6 +183,7 @@ def auto_plan(model: nn.Module, ids: torch.Tensor, base: QLRConfig, budget: floa
     path = None
     if cache_dir is not None:
         weights = [weights_key] if lazy else [weight_of(model.get_submodule(n)).detach() for n in names]
+        # sensitivity_samples joins the key only when set, so the caches written before it existed stay valid
         key = fingerprint(*weights, ids, names, use_hessian, menu.cost_rows,
                           *(() if menu.sensitivity_samples is None else (menu.sensitivity_samples,)))
         path = Path(cache_dir) / f"{key[:32]}.costs.json"

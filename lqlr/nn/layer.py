@@ -423,7 +423,8 @@ class QLRLinear(nn.Linear):
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor, factors: bool = True) -> torch.Tensor:
-        """The pure-torch forward: dequantize Q' (and L', R' unless ``factors=False``) now, then dense products."""
+        """The pure-torch forward: dequantize Q' (and L', R' unless ``factors=False``) now, then dense products
+        (or, after :meth:`cache_dense`, the cached dense Q, L, R in the original basis)."""
         if self._dense_cache is not None:  # Q, L, R dense in the original basis (cache_dense)
             Q, L, R = self._dense_cache
             y = F.linear(x, Q.to(x.dtype))  # x Qᵀ
