@@ -14,7 +14,7 @@ import lqlr
 from lqlr.cli.compress import CONFIG_DIR, MainConf, qlr_config, register_configs, run
 
 SMALL = ["model=stories260k", "data=wikitext2", "data.n_samples=8", "data.seq_len=64", "method.iters=2",
-         "eval.seq_len=128", "eval.max_windows=2"]
+         "eval.seq_len=128", "eval.max_windows=2", "budget=bits"]
 
 
 def _compose(overrides):
@@ -27,7 +27,8 @@ def test_default_config_is_the_embedded_default():
     cfg = _compose([])
     assert isinstance(cfg, MainConf)
     assert (cfg.model.name, cfg.data.source, cfg.method.name) == ("smollm2-135m", "self", "lqlr")
-    assert cfg.budget.bits == 3.5
+    assert (cfg.budget.mode, cfg.budget.bits, cfg.budget.menu.cost_rows) == ("auto", 3.5, 128)  # budget=auto_fast
+    assert cfg.budget == _compose(["budget=auto_fast"]).budget
     q = qlr_config(cfg.method, cfg.seed)
     assert (q.bq, q.bl, q.br, q.iters, q.incoherence) == (3, 4, 4, 5, True)
     caldera = qlr_config(_compose(["method=caldera"]).method, 0)
@@ -94,6 +95,25 @@ def test_a_finished_run_is_skipped_when_rerun_with_the_same_config(tmp_path, mon
     (tmp_path / "result.json").write_text('{"model": "stories')  # a torn file is not a result
     with pytest.raises(AssertionError, match="compressed again"):
         run(cfg, tmp_path)
+
+
+def test_the_default_budget_is_the_allocator_and_beats_the_uniform_plan(tmp_path):
+    """lqlr-compress with no budget override runs budget=auto_fast: one menu option per matrix, all of them
+    together within 3.5 all-in bits, and a lower perplexity than the uniform 3.5-bit plan of the same run."""
+    base = [o for o in SMALL if o != "budget=bits"] + ["method.iters=1", "budget.cache=false", "progress=false"]
+    auto = run(_compose(base + [f"output_dir={tmp_path / 'a'}"]), tmp_path)
+    uniform = run(_compose(base + ["budget=bits", f"output_dir={tmp_path / 'u'}"]), tmp_path)
+    assert (auto["budget_mode"], uniform["budget_mode"]) == ("auto", "uniform")
+    modules = json.loads((tmp_path / "a" / "manifest.json").read_text())["modules"].values()
+    numel = [m["shape"][0] * m["shape"][1] for m in modules]
+    all_in = sum(m["bits_per_param"] * n for m, n in zip(modules, numel)) / sum(numel)  # from the export itself
+    assert auto["bits_per_param"] == pytest.approx(all_in) and 3.45 < all_in <= 3.5
+    menu = _compose([]).budget.menu
+    for m in modules:
+        c = m["spec"]["config"]
+        assert c["bq"] in menu.bq and m["rank"] in menu.rank and c["group_size"] in menu.group_size
+    assert len({(m["spec"]["config"]["bq"], m["rank"]) for m in modules}) > 1  # the plan is not uniform
+    assert auto["ppl"] < uniform["ppl"]
 
 
 @pytest.mark.slow
