@@ -14,7 +14,7 @@ import lqlr
 from lqlr.cli.compress import CONFIG_DIR, MainConf, qlr_config, register_configs, run
 
 SMALL = ["model=stories260k", "data=wikitext2", "data.n_samples=8", "data.seq_len=64", "method.iters=2",
-         "eval.seq_len=128", "eval.max_windows=2", "budget=bits"]
+         "eval.seq_len=128", "eval.max_windows=2"]
 
 
 def _compose(overrides):
@@ -27,8 +27,11 @@ def test_default_config_is_the_embedded_default():
     cfg = _compose([])
     assert isinstance(cfg, MainConf)
     assert (cfg.model.name, cfg.data.source, cfg.method.name) == ("smollm2-135m", "self", "lqlr")
-    assert (cfg.budget.mode, cfg.budget.bits, cfg.budget.menu.cost_rows) == ("auto", 3.5, 128)  # budget=auto_fast
-    assert cfg.budget == _compose(["budget=auto_fast"]).budget
+    assert cfg.budget == _compose(["budget=auto_fast"]).budget  # method=lqlr: the allocator's light preset
+    for method in ("gptq", "caldera", "rtn", "lqlr_q", "lqlr_trellis", "hqq"):  # peers, baselines: the uniform plan
+        assert _compose([f"method={method}"]).budget.mode == "uniform"
+        assert _compose([f"method={method}", "budget=auto_fast"]).budget.mode == "auto"  # unless asked
+    assert _compose(["budget=bits"]).budget.mode == _compose(["experiment=quick"]).budget.mode == "uniform"
     q = qlr_config(cfg.method, cfg.seed)
     assert (q.bq, q.bl, q.br, q.iters, q.incoherence) == (3, 4, 4, 5, True)
     caldera = qlr_config(_compose(["method=caldera"]).method, 0)
@@ -98,9 +101,9 @@ def test_a_finished_run_is_skipped_when_rerun_with_the_same_config(tmp_path, mon
 
 
 def test_the_default_budget_is_the_allocator_and_beats_the_uniform_plan(tmp_path):
-    """lqlr-compress with no budget override runs budget=auto_fast: one menu option per matrix, all of them
-    together within 3.5 all-in bits, and a lower perplexity than the uniform 3.5-bit plan of the same run."""
-    base = [o for o in SMALL if o != "budget=bits"] + ["method.iters=1", "budget.cache=false", "progress=false"]
+    """lqlr-compress's default method and budget run the allocator (budget=auto_fast): one menu option per
+    matrix, all of them together within 3.5 all-in bits, and a lower perplexity than the uniform 3.5-bit plan."""
+    base = SMALL + ["method.iters=1", "budget.cache=false", "progress=false"]
     auto = run(_compose(base + [f"output_dir={tmp_path / 'a'}"]), tmp_path)
     uniform = run(_compose(base + ["budget=bits", f"output_dir={tmp_path / 'u'}"]), tmp_path)
     assert (auto["budget_mode"], uniform["budget_mode"]) == ("auto", "uniform")

@@ -180,7 +180,7 @@ def test_lqlr_compress_writes_its_measured_quality_into_the_card(tmp_path):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=[
             "model=stories260k", "data=wikitext2", "data.n_samples=4", "data.seq_len=64", "method=caldera",
-            "method.iters=1", "budget=bits", "budget.bits=3.0", "eval.seq_len=128", "eval.max_windows=1", "progress=false",
+            "method.iters=1", "budget.bits=3.0", "eval.seq_len=128", "eval.max_windows=1", "progress=false",
             f"output_dir={tmp_path / 'out'}"]))
     result = run(cfg, tmp_path)
     card = (tmp_path / "out" / "README.md").read_text()

@@ -52,3 +52,12 @@ def test_scale_bench_runs_lazily_projects_and_resumes_to_the_same_bytes(tmp_path
         assert r["whole_model_s"] == pytest.approx(measured + (r["plan_s"] + sum(b["wall_s"] for b in r["blocks"]))
                                                    * full / 2, rel=1e-6)
         assert r["whole_model_peak_rss_mb"] > r["peak_rss_mb"]
+
+
+def test_the_allocator_row_runs_lqlr_compress_s_default_allocator_preset():
+    from test_cli import _compose
+
+    composed = _compose(["budget=auto_fast", "budget.bits=3.0", "budget.cache=false"]).budget  # as Hydra builds it
+    assert scale.allocator_budget(3.0) == composed
+    assert scale.method_config("auto", 3.0, "cpu", 8, 64).budget == composed
+    assert scale.method_config("lqlr", 3.0, "cpu", 8, 64).budget.mode == "uniform"

@@ -6,8 +6,9 @@ process of its own, so that each peak RSS is that method's alone:
 
 * ``gptq``: Q only (k = 0), LDLQ under H, the budget's nearest BQ/group;
 * ``lqlr``: the default method (Q + L·R, incoherence, rank from the budget);
-* ``auto``: the default method with the global allocator (``budget=auto``: block-wise
-  sensitivities, Hessians and cost table).
+* ``auto``: the default method with the global allocator as ``lqlr-compress`` runs it by default
+  (the ``budget=auto_fast`` preset's menu at the benchmark's bits: block-wise sensitivities,
+  Hessians and cost table).
 
 Each record holds the run's per-block stages (lqlr.engine.blocks.BlockStats), the allocator's time,
 the peak RSS and GPU memory, and projections to the whole model: time = planning and blocks scaled
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from lqlr.bench.synthetic import SHAPES, write_checkpoint
+from lqlr.config import BudgetConfig, CalibrationConfig, CompressConfig, Menu, QLRConfig
 from lqlr.io.export import BASE_FILE
 from lqlr.util.files import sha256_file
 
@@ -40,17 +42,25 @@ METHODS = ("gptq", "lqlr", "auto")
 
 def method_config(method: str, bits: float, device: str, n_samples: int, seq_len: int):
     """The CompressConfig of one benchmark method (the lqlr-compress presets' values)."""
-    from lqlr.config import BudgetConfig, CalibrationConfig, CompressConfig, QLRConfig
-
     calibration = CalibrationConfig(source="wikitext2", n_samples=n_samples, seq_len=seq_len)
     if method == "gptq":  # method=gptq: Q only, LDLQ, no rotation
         qlr, budget = QLRConfig(bq=4, rank=0, group_size=128, incoherence=False), BudgetConfig(bits=bits, fit="nearest")
     elif method in ("lqlr", "auto"):  # method=lqlr
         qlr = QLRConfig(bq=3, rank=32, bl=4, br=4, group_size=64, iters=5, lr_iters=3, incoherence=True)
-        budget = BudgetConfig(bits=bits, mode="auto" if method == "auto" else "uniform", cache=False)
+        budget = allocator_budget(bits) if method == "auto" else BudgetConfig(bits=bits, cache=False)
     else:
         raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
     return CompressConfig(qlr=qlr, budget=budget, lazy=True, device=device, calibration=calibration)
+
+
+def allocator_budget(bits: float) -> BudgetConfig:
+    """``budget=auto_fast`` (the allocator preset of lqlr-compress's default) at ``bits``, without the cost cache."""
+    import yaml
+
+    from lqlr.cli.compress import CONFIG_DIR
+
+    preset = yaml.safe_load((CONFIG_DIR / "budget" / "auto_fast.yaml").read_text())
+    return BudgetConfig(mode=preset["mode"], bits=bits, menu=Menu(**preset["menu"]), cache=False)
 
 
 def run_one(folder: str, method: str, out_dir: str, resume_dir: str | None, bits: float, device: str,

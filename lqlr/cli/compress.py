@@ -25,6 +25,7 @@ import torch
 
 from lqlr.budget.fit import InfeasibleBudgetError
 from lqlr.config import (
+    BUDGET_MODES,
     BudgetConfig,
     CalibrationConfig,
     CompressConfig,
@@ -64,11 +65,16 @@ class MethodConf(QLRConfig):
     use_hessian: bool = True  # false: decompose under H = I (RTN, LoftQ)
     hessian_mode: str = "sequential"  # sequential (GPTQ) | independent (CALDERA)
     seed: Optional[int] = None  # null: the run's seed
+    # the budget mode under lqlr-compress's default budget (budget=default): uniform for the peers and
+    # baselines (a method is compared at one setting for every matrix), auto (the allocator) for method=lqlr
+    default_budget_mode: str = "uniform"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.backend not in BACKENDS:
             raise ValueError(f"method.backend={self.backend!r}: choose one of {BACKENDS}")
+        if self.default_budget_mode not in BUDGET_MODES:
+            raise ValueError(f"method.default_budget_mode={self.default_budget_mode!r}: choose one of {BUDGET_MODES}")
 
 
 @dataclass

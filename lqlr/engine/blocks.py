@@ -25,6 +25,7 @@ from lqlr.config import CompressConfig, QLRConfig
 from lqlr.core.arch import find_blocks, is_conv1d, set_module, target_linears, weight_of
 from lqlr.engine.checkpoints import BlockCheckpoints
 from lqlr.engine.runners import LocalRunner, MatrixJob, ModuleReport, RayRunner
+from lqlr.nn.layer import dense_cache
 from lqlr.util.devices import resolve_device
 from lqlr.util.memory import peak_rss_mb, rss_mb
 
@@ -138,7 +139,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
                     targets.pop(n, None)
                 block_reports[i] = [ModuleReport(**{**r, "shape": tuple(r["shape"])}) for r in saved_reports]
                 if outputs is None:
-                    outputs = forward(i, block)
+                    with dense_cache(block):  # as the uninterrupted run's pass below, for the same bits
+                        outputs = forward(i, block)
                 for entry, out in zip(inputs, outputs):
                     entry[0] = out
                 if compute != home:
@@ -166,7 +168,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             while len(pending) > depth:
                 finish(*pending.popleft())
             if names and cfg.hessian_mode == "sequential":
-                outputs = forward(i, block)  # the next block sees this block's compressed outputs
+                with dense_cache(block):  # Q, L, R dense for this pass: no dequantization or rotation per call
+                    outputs = forward(i, block)  # the next block sees this block's compressed outputs
             for entry, out in zip(inputs, outputs):
                 entry[0] = out
             if i in block_reports:  # finished in this iteration (always, in sequential mode)

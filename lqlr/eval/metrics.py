@@ -24,7 +24,7 @@ from lqlr.config import EvalConfig
 from lqlr.engine.models import load_model
 from lqlr.io.export import read_manifest
 from lqlr.io.load import load
-from lqlr.nn.layer import QLRLinear
+from lqlr.nn.layer import dense_cache
 from lqlr.nn.loss import chunked_log_probs
 
 log = logging.getLogger("lqlr")
@@ -99,23 +99,6 @@ def kl_divergence(model: nn.Module, reference: nn.Module, windows: torch.Tensor,
                   progress: bool = False) -> float:
     """Mean over tokens of KL(p_reference ‖ p_model) of the next-token distributions (nats)."""
     return quality(model, reference, windows, batch_size, progress)["kl"]
-
-
-class dense_cache:
-    """Context manager: every QLRLinear of ``model`` keeps its dequantized Q while inside (faster
-    evaluation at the cost of dense memory); packed-only again on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, QLRLinear)]
-
-    def __enter__(self) -> "dense_cache":
-        for m in self.layers:
-            m.cache_dense(True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m in self.layers:
-            m.cache_dense(False)
 
 
 def size_on_disk(path: str | Path) -> int:

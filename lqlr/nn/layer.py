@@ -479,6 +479,23 @@ def _tensors(prefix: str, qt: QuantizedTensor | None, dense: torch.Tensor | None
     return {f"{prefix}_{k}": v for k, v in qt.packed().items()}
 
 
+class dense_cache:
+    """Context manager: every QLRLinear of ``model`` (a model or one block) keeps Q, L, R dense in the
+    original basis while inside (faster forward passes at the cost of dense memory); packed-only again on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, QLRLinear)]
+
+    def __enter__(self) -> "dense_cache":
+        for m in self.layers:
+            m.cache_dense(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.layers:
+            m.cache_dense(False)
+
+
 def set_kernel(model: nn.Module, kind: str = "auto") -> dict[str, int]:
     """Set the kernel of every QLRLinear in ``model`` (built now, so memory is allocated here).
 
