@@ -1,6 +1,6 @@
 """``lqlr-compress``: the Hydra command line of :func:`lqlr.compress` (cli/ is the only place that imports Hydra).
 
-    lqlr-compress                                   # embedded default: SmolLM2-135M, data-free
+    lqlr-compress                                   # embedded default: SmolLM2-135M, self-generated calibration, the allocator at 3.5 bits
     lqlr-compress model=stories260k data=wikitext2 method=caldera budget.bits=3 output_dir=out/s3
     lqlr-compress -m method=gptq,caldera budget.bits=2.5,3   # a multirun sweep, one result JSON per run
 
