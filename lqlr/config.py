@@ -357,8 +357,6 @@ class CompressConfig:
         _check(self.hessian_mode in HESSIAN_MODES, f"hessian_mode={self.hessian_mode!r}: choose one of {HESSIAN_MODES}")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
         check_device(self.device)
-        _check(not (self.lazy and self.calibration.source == "self"),
-               "data=self samples text from the whole model; with model.lazy=true use data=wikitext2, text or hub")
         _check(not (self.lazy and self.budget.mode == "auto" and self.budget.prior != "none"),
                f"budget.prior={self.budget.prior} runs the whole model at once, which model.lazy=true never holds: "
                "use budget.prior=none (the allocator itself runs block by block)")

@@ -72,8 +72,39 @@ def test_cli_lazy_run_matches_eager(tmp_path):
     lazy = run(_compose(common + ["model.lazy=true", f"output_dir={tmp_path / 'l'}"]), tmp_path)
     assert lazy["bits_per_param"] == eager["bits_per_param"]
     assert lazy["ppl"] == pytest.approx(eager["ppl"], rel=1e-6) and "kl" not in lazy
-    with pytest.raises(ValueError, match="data=self"):
-        run(_compose(common + ["model.lazy=true", "data=self"]), tmp_path)
+    # the self-generated calibration (the embedded default) works lazily and samples the same text
+    self_gen = [o for o in common if not o.startswith("data=")] + ["data=self"]
+    eager = run(_compose(self_gen + [f"output_dir={tmp_path / 'es'}"]), tmp_path)
+    lazy = run(_compose(self_gen + ["model.lazy=true", f"output_dir={tmp_path / 'ls'}"]), tmp_path)
+    assert lazy["bits_per_param"] == eager["bits_per_param"]
+    assert lazy["ppl"] == pytest.approx(eager["ppl"], rel=1e-6)
+
+
+def test_lazy_generation_samples_the_eager_ids_with_one_block_loaded(tmp_path):
+    from lqlr.calibrate.text import generated_ids
+    from lqlr.util.meta import release_parameters
+
+    class Tok:  # generated_ids reads only these two fields
+        all_special_ids = [0, 1, 2]
+        eos_token_id = 2
+
+    eager = _tiny_llama(tmp_path)
+    want = generated_ids(eager, Tok(), n_samples=5, seq_len=24, seed=3, batch_size=2, progress=False)
+    lazy, _, loader = lazy_model(tmp_path)
+    _, blocks = find_blocks(lazy)
+    loaded, reads = [], []
+
+    def load(block, prefix):
+        loaded.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
+        reads.append(prefix)
+        loader(block, prefix)
+
+    got = generated_ids(lazy, Tok(), n_samples=5, seq_len=24, seed=3, batch_size=2, progress=False,
+                        load_block=load, release_block=release_parameters)
+    assert torch.equal(got, want)
+    assert max(loaded) == 0  # each block is read while every other one is on meta
+    assert len(reads) == 3 * 3 * 23  # 3 blocks, 3 batches, 23 decoding steps
+    assert all(p.device.type == "meta" for p in blocks.parameters())  # dropped again afterwards
 
 
 def test_blockwise_sensitivity_equals_the_whole_model_backward(tmp_path):

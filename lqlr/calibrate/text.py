@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lqlr.assets import assets_dir
+from lqlr.core.arch import find_blocks
+from lqlr.util.meta import blocks_streamed
 
 __all__ = ["wikitext2_text", "calibration_ids"]
 
@@ -105,14 +109,26 @@ def calibration_ids(
 
 @torch.no_grad()
 def generated_ids(model, tokenizer: PreTrainedTokenizerBase, n_samples: int, seq_len: int, seed: int,
-                  batch_size: int = 32, top_p: float = 0.95, progress: bool = True) -> torch.LongTensor:
+                  batch_size: int = 32, top_p: float = 0.95, progress: bool = True,
+                  load_block: Callable[[nn.Module, str], None] | None = None,
+                  release_block: Callable[[nn.Module], None] | None = None) -> torch.LongTensor:
     """Data-free calibration: ``n_samples`` sequences of ``seq_len`` tokens sampled from the model itself.
 
     Each sequence starts from a random vocabulary token (more diverse than always starting from
     BOS, as in LLM-QAT's data-free generation) and continues by nucleus sampling (``top_p``) under
     a seeded, private RNG, so the result depends only on the model, the sizes and the seed.
+    ``load_block(block, prefix)`` / ``release_block(block)`` (lazy loading): the decoder blocks stay
+    unread and each decoding step reads and drops them one at a time, so the model is never in
+    memory whole; the ids are the same as with the model loaded.
     """
     from tqdm.auto import tqdm
+
+    if load_block is not None:
+        if release_block is None:
+            raise ValueError("generated_ids: load_block needs release_block (blocks are read for each decoding step)")
+        path, blocks = find_blocks(model)
+        with blocks_streamed(blocks, path, load_block, release_block):
+            return generated_ids(model, tokenizer, n_samples, seq_len, seed, batch_size, top_p, progress)
 
     if n_samples < 1 or seq_len < 2:
         raise ValueError(f"n_samples={n_samples}, seq_len={seq_len}: need n_samples >= 1 and seq_len >= 2")
@@ -149,11 +165,16 @@ def text_from_path(path: str | os.PathLike) -> str:
 
 def calibration_from(source: str, model, tokenizer: PreTrainedTokenizerBase, n_samples: int, seq_len: int, seed: int,
                      path: str | None = None, hub_name: str | None = None, hub_config: str | None = None,
-                     split: str = "validation", text_field: str = "text", progress: bool = True) -> torch.LongTensor:
-    """(n_samples, seq_len) calibration ids from ``source``: ``self`` (sampled from ``model``), ``wikitext2``
-    (``split``), ``text`` (a file or folder at ``path``) or ``hub`` (``datasets.load_dataset(hub_name, hub_config)``)."""
+                     split: str = "validation", text_field: str = "text", progress: bool = True,
+                     load_block: Callable[[nn.Module, str], None] | None = None,
+                     release_block: Callable[[nn.Module], None] | None = None) -> torch.LongTensor:
+    """(n_samples, seq_len) calibration ids from ``source``: ``self`` (sampled from ``model``; with
+    ``load_block``/``release_block`` its blocks are read one at a time, see :func:`generated_ids`),
+    ``wikitext2`` (``split``), ``text`` (a file or folder at ``path``) or ``hub``
+    (``datasets.load_dataset(hub_name, hub_config)``)."""
     if source == "self":
-        return generated_ids(model, tokenizer, n_samples, seq_len, seed, progress=progress)
+        return generated_ids(model, tokenizer, n_samples, seq_len, seed, progress=progress, load_block=load_block,
+                             release_block=release_block)
     text = source_text(source, path, hub_name, hub_config, split, text_field, n_docs=max(n_samples * 4, 64))
     return calibration_ids(tokenizer, text, n_samples, seq_len, seed)
 

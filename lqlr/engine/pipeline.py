@@ -93,8 +93,8 @@ def compress(model: nn.Module | str, config: CompressConfig | QLRConfig | None =
     if calibration is None:
         if tokenizer is None:
             raise ValueError("calibration from config.calibration needs a tokenizer: pass tokenizer= or calibration ids")
-        calibration = calibration_from(model=None if load_block is not None else model, tokenizer=tokenizer,
-                                       progress=progress, **cfg.calibration.__dict__)
+        calibration = calibration_from(model=model, tokenizer=tokenizer, progress=progress, load_block=load_block,
+                                       release_block=release_block, **cfg.calibration.__dict__)
     calibration_s = time.perf_counter() - t_calib
     if cost_cache is None and cfg.budget.mode == "auto" and cfg.budget.cache:
         cost_cache = default_cache_dir()

@@ -1,6 +1,7 @@
 """Build modules without allocating their weights (parameters on the meta device)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from torch import nn
@@ -33,3 +34,24 @@ def release_parameters(module: nn.Module) -> None:
         owner_name, _, attr = local.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         owner._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+
+
+@contextmanager
+def blocks_streamed(blocks: nn.ModuleList, prefix: str, load_block: Callable[[nn.Module, str], None],
+                    release_block: Callable[[nn.Module], None]):
+    """Inside: every forward of ``blocks[i]`` first reads its parameters (``load_block(block, f"{prefix}.{i}.")``)
+    and drops them again afterwards (``release_block(block)``), so a whole-model pass such as ``generate`` runs
+    with one block in memory at a time. Blocks already loaded when the context opens stay as they are."""
+    streamed = [(i, b) for i, b in enumerate(blocks) if any(p.device.type == "meta" for p in b.parameters())]
+    handles = []
+    for i, block in streamed:
+        name = f"{prefix}.{i}."
+        handles.append(block.register_forward_pre_hook(lambda m, args, name=name: load_block(m, name)))
+        handles.append(block.register_forward_hook(lambda m, args, out: release_block(m)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for _, block in streamed:  # a forward that raised leaves its block loaded: drop it
+            release_block(block)
