@@ -330,7 +330,7 @@ def test_stories260k_with_fallback_logits_match(stories, story):
 
 
 K_MODEL = dict(hidden=256, ffn=512, layers=2, heads=4, kv_heads=2, ctx=128)
-K_GRIDS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6}
+K_GRIDS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_xs": 4}  # the super-block types
 
 
 def test_stories_256_is_stories260k(story):
@@ -344,14 +344,15 @@ def test_stories_256_is_stories260k(story):
 @needs_llama_cpp
 @pytest.mark.parametrize("grid", list(K_GRIDS))
 def test_stories260k_k_quant_logits_match(grid, story, tok, tmp_path):
-    """stories260K padded to 256 wide on Q2_K … Q6_K with rank-8 L, R: 30 linears in super-blocks, the five
+    """stories260K padded to 256 wide on Q2_K … Q6_K and IQ4_XS with rank-8 L, R: 30 linears in super-blocks, the five
     o_proj (rows of 64) in the f16 fallback; with lora.gguf against Q + L·R, without it against Q alone."""
     export = _export(_stories_256(), tmp_path / grid, tok, grid=grid, bq=K_GRIDS[grid], group_size=256, rank=8)
     files = _files(export, tmp_path / "gguf")
     record = files["record"]
     assert sorted(record["fallbacks"]) == [f"model.layers.{i}.self_attn.o_proj" for i in range(5)]
     assert all("not a multiple of 256" in why for why in record["fallbacks"].values())
-    want = {"q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S", "q6_k": "MOSTLY_Q6_K"}[grid]
+    want = {"q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S",
+            "q6_k": "MOSTLY_Q6_K", "iq4_xs": "MOSTLY_IQ4_XS"}[grid]
     assert record["model"]["file_type"] == want
     _check_blocks(load(export), files)
     _compare(f"stories260K-256 {grid} Q+LR", load(export), files, story, lora=True)

@@ -1,5 +1,6 @@
 """llama.cpp's block formats as lqlr grids: the 32-weight blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL,
-and the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K on super-blocks of 256 (:class:`KQuantGrid`, at the end).
+and the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and the i-quant IQ4_XS on super-blocks of 256
+(:class:`KQuantGrid`, at the end).
 
 Each ggml block holds 32 consecutive weights of a row (one group, ``group_size = 32``) and one or
 two fp16 parameters. With c the stored code and q = level[c] its integer level, a block decodes as
@@ -701,7 +702,95 @@ class Q3_KGrid(Q6_KGrid):
         return torch.where(zero[..., 0], torch.zeros_like(scale), scale)
 
 
-K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q2_KGrid, Q3_KGrid, Q4_KGrid, Q5_KGrid, Q6_KGrid)}
+class IQ4_XSGrid(KQuantGrid):
+    """IQ4_XS: x = d·sc_j·IQ4_NL_LEVELS[c], c ∈ [0, 15], 8 sub-blocks of 32 with 6-bit signed sc_j ∈ [−32, 31];
+    136 bytes per 256 weights (4.25 bits). IQ4_NL's non-uniform levels on a k-quant super-block.
+
+    Every product of ggml's ``dequantize_row_iq4_xs`` (fp16 d times a 6-bit integer, then a 7-bit level) is exact in
+    float32. Codes are the nearest level of x / s_j (ties to the upper level, as ggml's ``best_index_int8``); the
+    candidates start from llama.cpp's ``quantize_row_iq4_nl_impl`` (a ±7-step search of each sub-block's scale
+    under its weights x², then d = −max/32), unweighted too, and are polished as every k-quant is."""
+
+    kind = "iq4_xs"
+    bits_fixed = 4
+    sub = 32
+    affine = False
+    code_lo, code_hi = -32, 31
+    SCALE_BITS = 6
+    levels = IQ4_NL_LEVELS
+    NTRY = 7  # llama.cpp's ±7 scale steps per sub-block
+
+    def __init__(self, bits: int | None = None, group_size: int | None = None) -> None:
+        super().__init__(bits, group_size)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the 16 levels, the 15 midpoints between them), float32 on ``device``, made once per device."""
+        key = str(device)
+        if key not in self._cache:
+            lv = torch.tensor(self.levels, dtype=torch.float32, device=device)
+            self._cache[key] = (lv, (lv[1:] + lv[:-1]) / 2)
+        return self._cache[key]
+
+    def _codes(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The code of the level nearest x / s (code 8, level 1, where s = 0: x̂ is 0 whichever code)."""
+        _, mids = self._tables(x.device)
+        t = torch.where(s != 0, x / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(x))
+        return torch.bucketize(t, mids, right=True)  # a midpoint goes up, as best_index_int8's strict <
+
+    def _levels(self, x: torch.Tensor, s: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+        return self._tables(x.device)[0][self._codes(x, s)]
+
+    def encode(self, x: torch.Tensor, p: GroupParams, start: int = 0) -> torch.Tensor:
+        s, _ = self._effective(p, start, x.shape[1])
+        return self._codes(x.to(torch.float32), s).to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor, p: GroupParams, start: int = 0) -> torch.Tensor:
+        s, _ = self._effective(p, start, codes.shape[1])
+        return s * self._tables(codes.device)[0][codes.long()]
+
+    def _targets(self, X: torch.Tensor, weighted: bool) -> torch.Tensor:
+        """Each sub-block's signed scale s_j (rows, n_sub), as quantize_row_iq4_nl_impl finds it without an
+        imatrix: start at max/127 (the signed absmax on level −127), refit by least squares, then try the scales
+        that put the absmax on (i − 127) for i = −7 … 7 and keep the best Σ w q x)² / Σ w q²; w = x²
+        (``weighted``, llama.cpp's) or all 1."""
+        lv, _ = self._tables(X.device)
+        w = X * X if weighted else torch.ones_like(X)
+        amax, idx = X.abs().max(dim=2, keepdim=True)
+        mx = X.gather(2, idx)
+        zero = amax < GROUP_MAX_EPS
+        mx = torch.where(zero, torch.ones_like(mx), mx)
+
+        def sums(inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            q = lv[torch.bucketize(inv * X, (lv[1:] + lv[:-1]) / 2, right=True)]
+            return _seq_sum(w * q * X)[..., None], _seq_sum(w * q * q)[..., None]
+
+        sumqx, sumq2 = sums(_rdiv(1.0, mx / 127.0))
+        d = torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, 1.0), 0.0)
+        best = d * sumqx
+        for i in range(-self.NTRY, self.NTRY + 1):
+            sumqx, sumq2 = sums(float(i + self.levels[0]) / mx)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = torch.where(better, sumqx / torch.where(sumq2 > 0, sumq2, 1.0), d)
+            best = torch.where(better, d * sumqx, best)
+        return torch.where(zero, torch.zeros_like(d), d)[..., 0]
+
+    def _candidates(self, X):
+        out = []
+        for weighted in (True, False):
+            S = self._targets(X, weighted)  # (rows, n_sub)
+            idx = S.abs().argmax(dim=1, keepdim=True)  # first of the largest, as llama.cpp's strict >
+            max_scale = S.gather(1, idx)
+            for f in self.D_FACTORS:  # llama.cpp's (f = 1): d = −max/32, so the largest scale takes code −32
+                d = _fp16_param(-max_scale / (32.0 * f))
+                sc = torch.where(d != 0, _nearest(S / torch.where(d != 0, d, 1.0)), 0.0).clamp(self.code_lo,
+                                                                                               self.code_hi)
+                out.append((d, sc, None, None))
+        return out
+
+
+K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q2_KGrid, Q3_KGrid, Q4_KGrid, Q5_KGrid, Q6_KGrid,
+                                                              IQ4_XSGrid)}
 GGUF_GRIDS.update(K_GRIDS)
 
 assert {k: g.bits_fixed for k, g in GGUF_GRIDS.items()} == GGUF_BITS, "lqlr.config.GGUF_BITS and the grids disagree"

@@ -33,6 +33,11 @@ with a, b, c, e = L_{128h+l}, L_{128h+32+l}, L_{128h+64+l}, L_{128h+96+l} (l < 3
 sub-blocks of 16), qs[32h+l] = a | b << 2 | c << 4 | e << 6 with a, b, c, e as for Q6_K. Q3_K: qs as Q2_K's
 with the low two bits of each code, bit k of hmask[m] = bit 2 of L_{32k+m}, and the 6-bit u_j = sc_j + 32 in
 scales[j] (low nibble, j < 8), scales[j−8] (high nibble, j ≥ 8) and bits 2(j/4) of scales[8 + j%4] (top two).
+
+    IQ4_XS  d:f16 | scales_h:u16 | scales_l[4] | qs[128]            136 bytes
+
+IQ4_XS: the 6-bit u_j = sc_j + 32 of sub-block j (32 weights) has its low nibble in scales_l[j/2] (low nibble for
+even j, high for odd) and its top two bits at bits 2j of scales_h; qs[16j + l] = L_{32j+l} | L_{32j+16+l} << 4.
 """
 from __future__ import annotations
 
@@ -173,6 +178,14 @@ def _k_bytes(qt: QuantizedTensor, size: int) -> np.ndarray:
             qh = (((Lc >> 4) & 1) << shift[..., None]).sum(axis=(2, 3), dtype=np.uint8)  # (rows, nb, 32)
             parts.append(qh)
         parts.append(qs)
+    elif grid.kind == "iq4_xs":
+        ls = (sc + 32).astype(np.uint16)  # (rows, nb, 8) 6-bit
+        scales_h = ((ls >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=2, dtype=np.uint16)
+        low = (ls & 0xF).astype(np.uint8)
+        Lb = L.reshape(rows, nb, 8, 2, HALF)  # (sub-block, half, j)
+        qs = (Lb[..., 0, :] | (Lb[..., 1, :] << 4)).reshape(rows, nb, 128)
+        parts = [d, scales_h.astype("<u2").view(np.uint8).reshape(rows, nb, 2), low[..., 0::2] | (low[..., 1::2] << 4),
+                 qs]
     elif grid.bits == 3:  # Q3_K
         hi = ((L >> 2) & 1).reshape(rows, nb, 8, 32)  # bit 2 of weight 32k + m: bit k of hmask[m]
         hmask = (hi << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2, dtype=np.uint8)
@@ -224,6 +237,14 @@ def _k_tensor(b: np.ndarray, grid: KQuantGrid, device: torch.device | str) -> Qu
             L = L | (((qh[..., None, None, :] >> shift[..., None]) & 1) << 4)
         scale = np.concatenate([d, ls.astype(np.float32)], axis=2)
         zero = torch.from_numpy(np.concatenate([dmin, lm.astype(np.float32)], axis=2).reshape(rows, -1)).to(device)
+    elif grid.kind == "iq4_xs":
+        scales_h = np.ascontiguousarray(b[..., 2:4]).view("<u2").reshape(rows, nb, 1)
+        low = np.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], axis=3).reshape(rows, nb, 8)
+        high = (scales_h >> (2 * np.arange(8, dtype=np.uint16))) & 3
+        ls = low.astype(np.int64) | (high.astype(np.int64) << 4)
+        qs = b[..., 8:136].reshape(rows, nb, 8, 1, HALF)
+        L = np.concatenate([qs & 0xF, qs >> 4], axis=3)  # (rows, nb, sub-block, half, j)
+        scale = np.concatenate([fp16(0), ls.astype(np.float32) - 32], axis=2)
     elif grid.bits == 3:  # Q3_K
         hmask, qs, q = b[..., :32], b[..., 32:96].reshape(rows, nb, 2, 1, 32), b[..., 96:108]
         low = (qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # (rows, nb, half, quarter, l)
