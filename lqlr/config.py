@@ -24,6 +24,9 @@ GGUF_BLOCK = 32
 GGUF_SUPER_BLOCK = 256
 GGUF_BLOCKS = {k: GGUF_SUPER_BLOCK if k.endswith("_k") or k == "iq4_xs" else GGUF_BLOCK for k in GGUF_BITS}
 GGUF_GRIDS = tuple(GGUF_BITS)
+# llama.cpp's type for a tensor whose rows are not made of 256-weight super-blocks (llama-quant.cpp: "incompatible"
+# tensors; the 32-weight blocks then fit when the row is a multiple of 32): QLRConfig.for_matrix does the same
+GGUF_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 # vector codebooks of Q and the bits per weight each supports: QuIP#'s E8P (lqlr.core.e8p; 2: E8P, 3 and 4: E8P +
 # a 1- or 2-bit residual codebook, RVQ) and QTIP's bitshift trellis (lqlr.core.trellis)
 CODEBOOK_BITS = {"e8p": (2, 3, 4), "trellis": (2, 3, 4)}
@@ -31,6 +34,14 @@ CODEBOOK_DIM = {"e8p": 8, "trellis": 16}  # input columns coded together: an E8P
 TRELLIS_STATE_BITS = (4, 20)  # the range of the trellis's state bits L
 TRELLIS_DEFAULT_STATE_BITS = 12  # L when not given (QTIP uses 16; time per weight grows as 2^L)
 Q_GRIDS = GRIDS + GGUF_GRIDS + tuple(CODEBOOK_BITS)  # Q may also take a llama.cpp block format or a codebook
+
+
+def gguf_fallback(grid: str, in_features: int) -> str | None:
+    """llama.cpp's type for rows of ``in_features`` on GGUF super-block type ``grid`` when no 256-weight super-block
+    fits them and 32-weight blocks do (None otherwise: the grid fits, or neither does)."""
+    if grid in GGUF_FALLBACK and in_features % GGUF_SUPER_BLOCK and in_features % GGUF_BLOCK == 0:
+        return GGUF_FALLBACK[grid]
+    return None
 
 
 def fixed_values_error(kind: str, bits: int | None, group_size: int | None, bits_name: str = "bits") -> str | None:
@@ -147,9 +158,15 @@ class QLRConfig:
     def for_matrix(self, out_features: int, in_features: int) -> "QLRConfig":
         """This config as an (out × in) matrix can take it: a codebook grid needs the input width to be a
         multiple of its dimension (8 for E8P, 16 for the trellis), so a narrower-stepped matrix (stories260K's
-        172-wide down_proj) falls back to the uniform grid at the same BQ and group size."""
+        172-wide down_proj) falls back to the uniform grid at the same BQ and group size. A GGUF super-block type
+        (the k-quants, IQ4_XS) on rows that are not a multiple of 256 but are of 32 takes llama.cpp's fallback type
+        for such tensors (``GGUF_FALLBACK``: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, Q2_K/Q3_K → Q4_0, IQ4_XS → IQ4_NL), so
+        SmolLM2's 576-wide matrices are written to GGUF as llama.cpp would write them."""
         if self.grid in CODEBOOK_BITS and in_features % CODEBOOK_DIM[self.grid]:
             return replace(self, grid="uniform")
+        fallback = gguf_fallback(self.grid, in_features)
+        if fallback is not None:
+            return replace(self, grid=fallback, bq=GGUF_BITS[fallback], group_size=GGUF_BLOCK)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +227,9 @@ class Menu:
                 bq, g = (base.bq, base.group_size) if base.grid == grid else (GGUF_BITS[grid], GGUF_BLOCKS[grid])
             if grid in CODEBOOK_BITS and in_features % CODEBOOK_DIM[grid]:
                 grid = "uniform"  # as QLRConfig.for_matrix: this width cannot take the codebook
+            fallback = gguf_fallback(grid, in_features)
+            if fallback is not None:  # as QLRConfig.for_matrix: llama.cpp's type for rows without super-blocks
+                grid, bq, g = fallback, GGUF_BITS[fallback], GGUF_BLOCK
             key = (grid, bq, k, g, fb if k else None, rot)
             if key in seen or (grid == "nf" and bq > 4) or (grid in CODEBOOK_BITS and (
                     bq not in CODEBOOK_BITS[grid] or g % CODEBOOK_DIM[grid])):

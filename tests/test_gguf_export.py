@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import lqlr
 from lqlr.config import CompressConfig
 from lqlr.engine.blocks import compress_model
-from lqlr.io.export import save_compressed
+from lqlr.io.export import read_manifest, save_compressed
 from lqlr.io.gguf import export_gguf
 from lqlr.io.gguf.convert import llama_arch
 from lqlr.io.load import load
@@ -597,26 +597,33 @@ def test_k_quant_export(grid, bq, tmp_path):
 
 
 @pytest.mark.slow
-def test_stories_on_q4_k_falls_back_everywhere(tmp_path, capsys):
-    """stories260K on q4_k (rows of 64 and 172: no super-block of 256 fits) compresses, and lqlr-export gguf writes
-    every linear's dequantized Q in the fallback type, listed, as llama.cpp keeps such tensors in another type."""
+def test_stories_on_q4_k_falls_back_as_llama_cpp_does(tmp_path, capsys):
+    """stories260K on q4_k (rows of 64 and 172: no super-block of 256 fits): the 64-wide linears are compressed on
+    Q5_0, llama.cpp's type for such tensors, and written in its blocks; the 172-wide down_proj (no 32-block either)
+    stays a short super-block in lqlr and lqlr-export gguf writes its dequantized Q in the fallback type, listed."""
     from lqlr.cli.export import main
     from lqlr.engine.models import load_model
 
     model, tokenizer = load_model("stories260k")
     export = _export(model, tmp_path, "s-q4_k", tokenizer, grid="q4_k", bq=4, group_size=256, rank=4,
                      incoherence=False)
+    specs = {n: e["spec"]["q"] for n, e in read_manifest(export)["modules"].items()}
+    assert {n for n, q in specs.items() if q["kind"] == "q4_k"} == {f"model.layers.{i}.mlp.down_proj" for i in range(5)}
+    assert all(q == {"kind": "q5_0", "bits": 5, "group_size": 32} for q in specs.values() if q["kind"] != "q4_k")
     main(["gguf", str(export), str(tmp_path / "gguf"), "--fallback-type", "f32"])
     assert "model.gguf" in capsys.readouterr().out
     record = json.loads((tmp_path / "gguf" / "gguf.json").read_text())
-    assert len(record["fallbacks"]) == 35
-    assert all(re.search(r"rows of (64|172) are not a multiple of 256: no q4_k blocks", why)
+    assert set(record["fallbacks"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(5)}
+    assert all(re.search(r"rows of 172 are not a multiple of 256: no q4_k blocks", why)
                for why in record["fallbacks"].values())
     _, tensors = _read(tmp_path / "gguf" / "model.gguf")
     loaded = load(export)
+    for name in specs:
+        t = tensors[_gguf_name(name)]
+        assert t.tensor_type == (gguf.GGMLQuantizationType.F32 if name in record["fallbacks"]
+                                 else gguf.GGMLQuantizationType.Q5_0)
     for name in record["fallbacks"]:
         t = tensors[_gguf_name(name)]
-        assert t.tensor_type == gguf.GGMLQuantizationType.F32
         got = t.data.astype(np.float32)
         heads = _heads(loaded.config, name)
         got = _unpermute(got, heads) if heads else got

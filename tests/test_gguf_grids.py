@@ -714,3 +714,36 @@ def test_qlr_linear_on_k_quants(kind):
     qt = QuantizedTensor.from_packed({k[2:]: v for k, v in stored.items() if k.startswith("q_")}, (48, 512),
                                      make_grid(kind, K_FIXED[kind], 256))
     np.testing.assert_array_equal(to_gguf_bytes(qt), to_gguf_bytes(d.q_codes))
+
+
+def test_super_block_types_fall_back_as_llama_cpp_does():
+    """Rows that hold no 256-weight super-block but 32-weight blocks take llama.cpp's fallback type (the switch of
+    tensor_type_fallback in llama-quant.cpp, read from the llama.cpp source where it is cached), in QLRConfig.for_matrix,
+    the allocator's menu and the uniform budget fit alike; rows of 256·n keep the type, rows that hold neither too."""
+    import re
+
+    from lqlr.budget.fit import fit_to_budget
+    from lqlr.config import GGUF_BITS, GGUF_FALLBACK, Menu
+    from lqlr.util import llamacpp
+
+    src = llamacpp.cache_dir() / "src" / "src" / "llama-quant.cpp"
+    if src.is_file():
+        text = src.read_text()
+        body = text[text.index("tensor_type_fallback("):]
+        body = body[:body.index("default:")]
+        theirs, cases = {}, []
+        for kind, ret in re.findall(r"case GGML_TYPE_(\w+):\s*(?:return_type = GGML_TYPE_(\w+);)?", body):
+            cases.append(kind.lower())
+            if ret:
+                theirs.update({c: ret.lower() for c in cases})
+                cases = []
+        assert {k: theirs[k] for k in GGUF_FALLBACK} == GGUF_FALLBACK
+    for kind, fallback in GGUF_FALLBACK.items():
+        cfg = lqlr.QLRConfig(grid=kind, bq=GGUF_BITS[kind], group_size=256, rank=8)
+        got = cfg.for_matrix(64, 576)
+        assert (got.grid, got.bq, got.group_size) == (fallback, GGUF_BITS[fallback], 32)
+        assert cfg.for_matrix(64, 1536) == cfg and cfg.for_matrix(64, 172) == cfg
+        opts = Menu(bq=[2, 3, 4], rank=[0, 8], group_size=[64, 256]).options(cfg, 64, 576)
+        assert {(o.grid, o.bq, o.group_size) for o in opts} == {(fallback, GGUF_BITS[fallback], 32)}
+        assert {o.rank for o in opts} == {0, 8}
+        assert fit_to_budget(cfg, 64, 576, 12.0).grid == fallback

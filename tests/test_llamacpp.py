@@ -345,12 +345,18 @@ def test_stories_256_is_stories260k(story):
 @pytest.mark.parametrize("grid", list(K_GRIDS))
 def test_stories260k_k_quant_logits_match(grid, story, tok, tmp_path):
     """stories260K padded to 256 wide on Q2_K … Q6_K and IQ4_XS with rank-8 L, R: 30 linears in super-blocks, the five
-    o_proj (rows of 64) in the f16 fallback; with lora.gguf against Q + L·R, without it against Q alone."""
+    o_proj (rows of 64) compressed on llama.cpp's fallback type for them (Q4_K → Q5_0, ...); with lora.gguf against
+    Q + L·R, without it against Q alone."""
+    from lqlr.config import GGUF_FALLBACK
+
     export = _export(_stories_256(), tmp_path / grid, tok, grid=grid, bq=K_GRIDS[grid], group_size=256, rank=8)
     files = _files(export, tmp_path / "gguf")
     record = files["record"]
-    assert sorted(record["fallbacks"]) == [f"model.layers.{i}.self_attn.o_proj" for i in range(5)]
-    assert all("not a multiple of 256" in why for why in record["fallbacks"].values())
+    assert not record["fallbacks"]  # every linear is in ggml blocks
+    types = {e["source"].rsplit(".", 1)[0]: e["type"] for e in record["model"]["tensors"]
+             if e["source"].startswith("model.layers.") and e["source"].endswith("_proj.weight")}
+    assert len(types) == 35 and {n for n, t in types.items() if t != grid} == {f"model.layers.{i}.self_attn.o_proj" for i in range(5)}
+    assert {types[f"model.layers.{i}.self_attn.o_proj"] for i in range(5)} == {GGUF_FALLBACK[grid]}
     want = {"q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S",
             "q6_k": "MOSTLY_Q6_K", "iq4_xs": "MOSTLY_IQ4_XS"}[grid]
     assert record["model"]["file_type"] == want
