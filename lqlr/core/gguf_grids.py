@@ -752,7 +752,7 @@ class IQ4_XSGrid(KQuantGrid):
     def _targets(self, X: torch.Tensor, weighted: bool) -> torch.Tensor:
         """Each sub-block's signed scale s_j (rows, n_sub), as quantize_row_iq4_nl_impl finds it without an
         imatrix: start at max/127 (the signed absmax on level −127), refit by least squares, then try the scales
-        that put the absmax on (i − 127) for i = −7 … 7 and keep the best Σ w q x)² / Σ w q²; w = x²
+        that put the absmax on (i − 127) for i = −7 … 7 and keep the best (Σ w q x)² / Σ w q²; w = x²
         (``weighted``, llama.cpp's) or all 1."""
         lv, _ = self._tables(X.device)
         w = X * X if weighted else torch.ones_like(X)
