@@ -1,6 +1,6 @@
 """llama.cpp's block formats as lqlr grids: the 32-weight blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL,
-and the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and the i-quant IQ4_XS on super-blocks of 256
-(:class:`KQuantGrid`, at the end).
+and the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and the i-quants IQ4_XS and IQ3_XXS (a lattice codebook of 8
+weights per codeword) on super-blocks of 256 (:class:`KQuantGrid`, at the end).
 
 Each ggml block holds 32 consecutive weights of a row (one group, ``group_size = 32``) and one or
 two fp16 parameters. With c the stored code and q = level[c] its integer level, a block decodes as
@@ -475,8 +475,29 @@ class KQuantGrid(Grid):
         return best_sc, best_m
 
     def _candidates(self, X):
-        """(d, sc, dmin, m) candidates, llama.cpp's reference first."""
+        """(d, sc, dmin, m) candidates, llama.cpp's reference first. The symmetric types' (dmin, m = None): each
+        sub-block's signed target scale s_j from :meth:`_targets` (llama.cpp's weights, then all 1), d from the
+        largest |s_j| times each of D_FACTORS (:meth:`_scale_codes`, f = 1 llama.cpp's own), the codes nearest."""
+        out = []
+        for weighted in (True, False):
+            S = self._targets(X, weighted)  # (rows, n_sub)
+            max_scale = S.gather(1, S.abs().argmax(dim=1, keepdim=True))  # first of the largest (llama.cpp's >)
+            for f in self.D_FACTORS:
+                d, sc = self._scale_codes(S, max_scale, f)
+                out.append((d, sc, None, None))
+        return out
+
+    def _targets(self, X: torch.Tensor, weighted: bool) -> torch.Tensor:
+        """The symmetric types' per sub-block target scales (rows, n_sub)."""
         raise NotImplementedError
+
+    def _scale_codes(self, S: torch.Tensor, max_scale: torch.Tensor, f: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d (rows, 1), sc (rows, n_sub)) of the symmetric types for the largest target ``max_scale`` and factor f."""
+        raise NotImplementedError
+
+    def _nearest_codes(self, S: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The sub-block scale codes nearest S / d, clamped to the code range (0 where d = 0)."""
+        return torch.where(d != 0, _nearest(S / torch.where(d != 0, d, 1.0)), 0.0).clamp(self.code_lo, self.code_hi)
 
 
 def _rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
@@ -643,24 +664,14 @@ class Q6_KGrid(KQuantGrid):
             best = torch.where(better, scale * sumlx, best)
         return torch.where(zero, torch.zeros_like(scale), scale)[..., 0]
 
-    def _candidates(self, X):
-        out = []
-        for weighted in (True, False):
-            S = self._targets(X, weighted)  # (rows, n_sub)
-            idx = S.abs().argmax(dim=1, keepdim=True)  # first of the largest, as llama.cpp's strict >
-            max_scale = S.gather(1, idx)
-            none = max_scale.abs() < GROUP_MAX_EPS
-            ms = torch.where(none, torch.ones_like(max_scale), max_scale)
-            for f in self.D_FACTORS:
-                # llama.cpp's (f = 1): d = fp16(1/iscale), sc = min(127, nint(iscale·s)) (Q3_K: −32 and [−32, 31])
-                iscale = _rdiv(float(self.code_lo), f * ms)
-                d = torch.where(none, 0.0, _fp16_param(_rdiv(1.0, iscale)))
-                sc = torch.where(none, 0.0, _nearest(iscale * S).clamp(self.code_lo, self.code_hi))
-                if f != 1.0:
-                    sc = torch.where(d != 0, _nearest(S / torch.where(d != 0, d, 1.0)), 0.0).clamp(self.code_lo,
-                                                                                                   self.code_hi)
-                out.append((d, sc, None, None))
-        return out
+    def _scale_codes(self, S, max_scale, f):
+        # llama.cpp's (f = 1): d = fp16(1/iscale), sc = min(127, nint(iscale·s)) (Q3_K: −32 and [−32, 31])
+        none = max_scale.abs() < GROUP_MAX_EPS
+        iscale = _rdiv(float(self.code_lo), f * torch.where(none, torch.ones_like(max_scale), max_scale))
+        d = torch.where(none, 0.0, _fp16_param(_rdiv(1.0, iscale)))
+        if f != 1.0:
+            return d, self._nearest_codes(S, d)
+        return d, torch.where(none, 0.0, _nearest(iscale * S).clamp(self.code_lo, self.code_hi))
 
 
 class Q3_KGrid(Q6_KGrid):
@@ -775,22 +786,219 @@ class IQ4_XSGrid(KQuantGrid):
             best = torch.where(better, d * sumqx, best)
         return torch.where(zero, torch.zeros_like(d), d)[..., 0]
 
-    def _candidates(self, X):
-        out = []
-        for weighted in (True, False):
-            S = self._targets(X, weighted)  # (rows, n_sub)
-            idx = S.abs().argmax(dim=1, keepdim=True)  # first of the largest, as llama.cpp's strict >
-            max_scale = S.gather(1, idx)
-            for f in self.D_FACTORS:  # llama.cpp's (f = 1): d = −max/32, so the largest scale takes code −32
-                d = _fp16_param(-max_scale / (32.0 * f))
-                sc = torch.where(d != 0, _nearest(S / torch.where(d != 0, d, 1.0)), 0.0).clamp(self.code_lo,
-                                                                                               self.code_hi)
-                out.append((d, sc, None, None))
-        return out
+    def _scale_codes(self, S, max_scale, f):
+        d = _fp16_param(-max_scale / (32.0 * f))  # llama.cpp's (f = 1): d = −max/32, the largest scale on code −32
+        return d, self._nearest_codes(S, d)
+
+
+# ----- lattice i-quants: 8 weights per codeword ------------------------------------------------
+LATTICE_DIM = 8  # weights under one sign pattern (of even parity) and one or two grid points
+
+
+def sign_patterns(device: torch.device | str | None = None) -> torch.Tensor:
+    """ggml's ksigns_iq2xs (128,) int64: the 8 sign bits of 7-bit index i, bit 7 set where i has an odd
+    number of ones, so every pattern has an even number of negative signs."""
+    i = torch.arange(128, device=device)
+    odd = sum((i >> k) & 1 for k in range(7)) & 1
+    return i | (odd << 7)
+
+
+def _iq3_grid_cpu() -> torch.Tensor:
+    import gguf.quants
+
+    gguf.quants.IQ3_XXS.init_grid()
+    return torch.from_numpy(np.array(gguf.quants.IQ3_XXS.grid, dtype=np.float32).reshape(256, 4))
+
+
+class IQ3_XXSGrid(KQuantGrid):
+    """IQ3_XXS: 8 sub-blocks of 32 weights with 4-bit scale codes ls_j, s_j = d·(0.5 + ls_j)·0.5 (fp16 d); each
+    run of 8 weights is s_j · (σ_0 g_0, …, σ_7 g_7), g the magnitudes of two points of ggml's 256-point grid
+    ``iq3xxs_grid`` (4 values each from {4, 12, 20, …, 52, 62}), σ a sign pattern with an even number of minus
+    signs (7 stored bits). 98 bytes per 256 weights: 3.0625 bits.
+
+    A codeword's 23 bits (grid indices i₁, i₂, the 7 sign bits) plus one bit of its sub-block's ls_j (bit l of
+    ls_j rides with the sub-block's codeword l, as ggml packs ls_j beside the signs) are its eight 3-bit codes,
+    code k = bits 3k … 3k+2 of i₁ | i₂ << 8 | signs << 16 | bit << 23; so the codes pack at 3 bits per weight and
+    the group parameters count only d (the sub-block scales are inside the codes).
+
+    The nearest codeword (under per-weight weights w) is exact: on each half of 4 weights the best signs are
+    x's and the best grid point minimises Σ w (|x| − s g)²; where x has an odd number of negative signs, the
+    cheapest repair flips one weight, costing 4 s w |x| g, in one half or the other (:func:`_lattice_nearest`).
+    Fitting: each sub-block's scale from a search of s = amax/v over the grid's range with a least-squares
+    refit, then d and the codes ls_j as for the other k-quants, polished by ±1."""
+
+    kind = "iq3_xxs"
+    bits_fixed = 3
+    dim = LATTICE_DIM
+    sub = 32
+    affine = False
+    code_lo, code_hi = 0, 15
+    SCALE_BITS = 4
+    D_FACTORS = (1.0, 0.95)
+    column_offsets = True  # LDLQ's rounding of a few columns says where in the super-block they are
+    # the scale search: the sub-block's absmax on grid magnitude v, for these v (llama.cpp searches 31 steps)
+    # (10 steps: relative MSE 0.03184 on 64 × 512 Gaussian weights, 16: 0.03182; ignoring the parity in the
+    # search, 0.0386)
+    SEARCH = tuple(float(v) for v in np.linspace(16.0, 62.0, 10))
+
+    def __init__(self, bits: int | None = None, group_size: int | None = None) -> None:
+        super().__init__(bits, group_size)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def overhead_bits(self) -> int:
+        return 16  # d; the eight 4-bit ls_j are bits of the codes
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the grid's points (256, 4) float32, the sign patterns (128,) int64) on ``device``, made once each."""
+        key = str(device)
+        if key not in self._cache:
+            self._cache[key] = (_iq3_grid_cpu().to(device), sign_patterns(device))
+        return self._cache[key]
+
+    def _effective(self, p: GroupParams, start: int, width: int) -> tuple[torch.Tensor, None]:
+        sub = torch.arange(start, start + width, device=p.scale.device) // self.sub
+        return (p.scale[:, :1] * (0.5 + p.scale[:, 1:]) * 0.5)[:, sub], None  # ggml's db, exact in float32
+
+    def _words(self, x: torch.Tensor, s: torch.Tensor, w: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(23-bit words (rows, n) int64, Σ w (x − x̂)² (rows, n)) of the nearest codewords of x (rows, n, 8)
+        under scales s (rows, n)."""
+        grid, _ = self._tables(x.device)
+        i, signs, err = _lattice_nearest(x, s, grid, 2, w)
+        return i[..., 0] | (i[..., 1] << 8) | ((signs & 127) << 16), err
+
+    def _start(self, p: GroupParams, width: int, start: int | None) -> int:
+        if start is not None:
+            return start
+        if isinstance(p, SuperBlockParams) and width != p.width:  # LDLQ: the next columns of the super-block
+            start, p.col = p.col, p.col + width
+            if p.col > p.width:
+                raise ValueError(f"{self.kind}: rounded {p.col} columns of a super-block fitted on {p.width}")
+            return start
+        return 0
+
+    def encode(self, x: torch.Tensor, p: GroupParams, start: int | None = None) -> torch.Tensor:
+        rows, width = x.shape
+        start = self._start(p, width, start)
+        if start % LATTICE_DIM or width % LATTICE_DIM:
+            raise ValueError(f"{self.kind} codes runs of {LATTICE_DIM} columns: got columns {start}…{start + width}")
+        s, _ = self._effective(p, start, width)
+        n = width // LATTICE_DIM
+        words, _ = self._words(x.to(torch.float32).reshape(rows, n, LATTICE_DIM), s[:, ::LATTICE_DIM])
+        # bit l of the sub-block's ls_j with its codeword l (the 4 codewords of a sub-block carry ls_j's 4 bits)
+        run = torch.arange(start // LATTICE_DIM, start // LATTICE_DIM + n, device=x.device)
+        ls = p.scale[:, 1:][:, run // 4].to(torch.int64)
+        words = words | (((ls >> (run % 4)) & 1) << 23)
+        digits = (words[..., None] >> (3 * torch.arange(LATTICE_DIM, device=x.device))) & 7
+        return digits.reshape(rows, width).to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor, p: GroupParams, start: int | None = None) -> torch.Tensor:
+        rows, width = codes.shape
+        start = 0 if start is None else start
+        grid, patterns = self._tables(codes.device)
+        digits = codes.to(torch.int64).reshape(rows, width // LATTICE_DIM, LATTICE_DIM)
+        words = (digits << (3 * torch.arange(LATTICE_DIM, device=codes.device))).sum(dim=2)
+        g = torch.cat([grid[words & 255], grid[(words >> 8) & 255]], dim=2)  # (rows, n, 8) magnitudes
+        bits = (patterns[(words >> 16) & 127][..., None] >> torch.arange(LATTICE_DIM, device=codes.device)) & 1
+        s, _ = self._effective(p, start, width)
+        return s * (g * (1 - 2 * bits).to(torch.float32)).reshape(rows, width)  # db · grid · ±1, exact
+
+    def round(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        start = self._start(p, x.shape[1], None)
+        return self.decode(self.encode(x, p, start), p, start)
+
+    def _sub_errors(self, X, M, d, sc, dmin, m) -> torch.Tensor:
+        rows, n_sub, _ = X.shape
+        s = (d * (0.5 + sc) * 0.5).repeat_interleave(self.sub // LATTICE_DIM, dim=1)  # (rows, 32 runs)
+        _, err = self._words(X.reshape(rows, -1, LATTICE_DIM), s, M.reshape(rows, -1, LATTICE_DIM))
+        return err.reshape(rows, n_sub, -1).sum(dim=2)
+
+    def _targets(self, X: torch.Tensor, weighted: bool) -> torch.Tensor:
+        """Each sub-block's scale s_j (rows, n_sub): of s = amax/v for v in SEARCH, each refitted by least squares
+        on its codewords' values q (s = Σ w x q / Σ w q²), the one with the largest (Σ w x q)² / Σ w q²; w = x²
+        (``weighted``, llama.cpp's weights without an imatrix) or all 1 (weighting them by the fit's importances,
+        LDLQ's pivots, lost 2 % in tests/test_gguf_grids.py's pivot test)."""
+        rows, n_sub, _ = X.shape
+        grid, patterns = self._tables(X.device)
+        w = X * X if weighted else torch.ones_like(X)
+        amax = X.abs().amax(dim=2)  # (rows, n_sub)
+        runs = X.reshape(rows, -1, LATTICE_DIM)
+        wr = w.reshape(rows, -1, LATTICE_DIM)
+        best_s, best = torch.zeros_like(amax), torch.full_like(amax, -1.0)
+        for v in self.SEARCH:
+            s = (amax / v).repeat_interleave(self.sub // LATTICE_DIM, dim=1)
+            i, signs, _ = _lattice_nearest(runs, s, grid, 2, wr)
+            g = torch.cat([grid[i[..., 0]], grid[i[..., 1]]], dim=2)
+            bits = (patterns[signs & 127][..., None] >> torch.arange(LATTICE_DIM, device=X.device)) & 1
+            q = (g * (1 - 2 * bits)).reshape(rows, n_sub, self.sub)
+            sumqx, sumq2 = (w * q * X).sum(dim=2), (w * q * q).sum(dim=2)
+            score = torch.where(sumq2 > 0, sumqx * sumqx / torch.where(sumq2 > 0, sumq2, 1.0), 0.0)
+            better = score > best
+            best = torch.where(better, score, best)
+            best_s = torch.where(better, torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, 1.0), 0.0),
+                                 best_s)
+        return torch.where(amax < GROUP_MAX_EPS, 0.0, best_s.clamp_min(0.0))
+
+    def _scale_codes(self, S, max_scale, f):
+        d = _fp16_param(max_scale / (7.75 * f))  # s_j = d·(ls_j + 0.5)/2: the largest on ls = 15 (f = 1)
+        ls = torch.where(d > 0, _nearest(2.0 * S / torch.where(d > 0, d, 1.0) - 0.5), 0.0)
+        return d, ls.clamp(self.code_lo, self.code_hi)
+
+
+def _lattice_nearest(x: torch.Tensor, s: torch.Tensor, grid: torch.Tensor, parts: int,
+                     w: torch.Tensor | None = None, chunk: int = 8192
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The nearest codewords s·(σ ⊙ (g_1, …, g_parts)) of x (..., 8): g_k points of ``grid`` (P, 8/parts), σ signs
+    with an even number of minus signs, under weights w (..., 8) (None: all 1), s (...) ≥ 0. Returns (the grid
+    indices (..., parts) int64, the 8 sign bits (...) int64 (bit k: weight k negative), the weighted squared error
+    (...)). Exact: min Σ w (x − x̂)² over all P^parts · 2⁷ codewords."""
+    shape = x.shape[:-1]
+    x = x.reshape(-1, LATTICE_DIM).to(torch.float32)
+    s = s.reshape(-1, 1).to(torch.float32)
+    w = torch.ones_like(x) if w is None else w.reshape(-1, LATTICE_DIM).to(torch.float32)
+    n, width = x.shape[0], LATTICE_DIM // parts
+    G, G2 = grid.T, (grid * grid).T  # (width, P)
+    index = torch.empty(n, parts, dtype=torch.int64, device=x.device)
+    flips = torch.empty(n, parts, dtype=torch.int64, device=x.device)  # which weight of each part a repair flips
+    errors = torch.empty(n, dtype=torch.float32, device=x.device)
+    neg = x < 0
+    odd = (neg.sum(dim=1) % 2) == 1
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        ax, wc, sc = x[a:b].abs(), w[a:b], s[a:b]
+        plain, fixed, plain_i, fixed_i, fixed_k = [], [], [], [], []
+        for k in range(parts):
+            A, W = ax[:, k * width:(k + 1) * width], wc[:, k * width:(k + 1) * width]
+            # Σ w (|x| − s g)² for every grid point (rows, P), expanded
+            cost = (W * A * A).sum(1, keepdim=True) - 2 * sc * ((W * A) @ G) + sc * sc * (W @ G2)
+            flip = 4 * sc * W * A  # flipping weight i against x's sign adds flip_i · g_i
+            pmin = flip[:, :1] * G[0]
+            for i in range(1, width):
+                pmin = torch.minimum(pmin, flip[:, i:i + 1] * G[i])
+            e0, i0 = cost.min(dim=1)
+            e1, i1 = (cost + pmin).min(dim=1)
+            plain.append(e0), plain_i.append(i0), fixed.append(e1), fixed_i.append(i1)
+            fixed_k.append((flip * grid[i1]).argmin(dim=1))  # the weight the repair flips at that point
+        base = sum(plain)
+        # odd parity: repair in the part where it costs least (its fixed cost against its plain one)
+        extra = torch.stack([f - p for f, p in zip(fixed, plain)], dim=1)  # (rows, parts)
+        where = extra.argmin(dim=1)
+        o = odd[a:b]
+        errors[a:b] = torch.where(o, base + extra.gather(1, where[:, None])[:, 0], base).clamp_min(0.0)
+        for k in range(parts):
+            use = o & (where == k)
+            index[a:b, k] = torch.where(use, fixed_i[k], plain_i[k])
+            flips[a:b, k] = torch.where(use, fixed_k[k] + k * width, -1)
+    bit = torch.arange(LATTICE_DIM, device=x.device)
+    signs = (neg.to(torch.int64) << bit).sum(dim=1)
+    flip = flips.max(dim=1).values  # the repaired weight (−1: none)
+    signs = torch.where(flip >= 0, signs ^ (1 << flip.clamp_min(0)), signs)
+    return index.reshape(*shape, parts), signs.reshape(shape), errors.reshape(shape)
 
 
 K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q2_KGrid, Q3_KGrid, Q4_KGrid, Q5_KGrid, Q6_KGrid,
-                                                              IQ4_XSGrid)}
+                                                              IQ4_XSGrid, IQ3_XXSGrid)}
 GGUF_GRIDS.update(K_GRIDS)
 
 assert {k: g.bits_fixed for k, g in GGUF_GRIDS.items()} == GGUF_BITS, "lqlr.config.GGUF_BITS and the grids disagree"

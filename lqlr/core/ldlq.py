@@ -163,9 +163,11 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
                 W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # feed the error forward in-block
                 Err1[i] = err
             else:  # block LDLQ: d columns on one codeword per row, their error fed back through U_bb⁻¹
-                c = grid.encode(W1[i : i + d].T, p)  # (rows, d) codes of the nearest codewords
+                # (rows, d) codes of the nearest codewords; a super-block grid is told where in its group they are
+                at = {"start": col % g} if getattr(grid, "column_offsets", False) else {}
+                c = grid.encode(W1[i : i + d].T, p, **at)
                 codes[:, col : col + d] = c
-                q = grid.decode(c, p).T  # (d, rows)
+                q = grid.decode(c, p, **at).T  # (d, rows)
                 Qt[col : col + d] = q
                 Ubb = U1[i : i + d, i : i + d]
                 # Z = U_bb⁻ᵀ (W_b − Q_b)ᵀ: the block's error in the coordinates where it is independent

@@ -38,6 +38,11 @@ scales[j] (low nibble, j < 8), scales[j−8] (high nibble, j ≥ 8) and bits 2(j
 
 IQ4_XS: the 6-bit u_j = sc_j + 32 of sub-block j (32 weights) has its low nibble in scales_l[j/2] (low nibble for
 even j, high for odd) and its top two bits at bits 2j of scales_h; qs[16j + l] = L_{32j+l} | L_{32j+16+l} << 4.
+
+    IQ3_XXS  d:f16 | qs[64] | signs_scales u32[8]                  98 bytes
+
+IQ3_XXS: codeword l of sub-block j (weights 32j + 8l … +7) has its grid indices in qs[8j + 2l], qs[8j + 2l + 1] and
+its 7 sign bits at bits 7l of signs_scales[j], whose top four bits hold ls_j (lqlr's codes carry the same bits).
 """
 from __future__ import annotations
 
@@ -157,7 +162,15 @@ def _k_bytes(qt: QuantizedTensor, size: int) -> np.ndarray:
     scale = qt.scale.reshape(rows, nb, 1 + ns)
     d = _fp16_bytes(scale[..., 0], "super-block scales d")
     sc = _codes_of(scale[..., 1:], grid.code_lo, grid.code_hi, "sub-block scales")
-    if grid.bits == 2:  # Q2_K
+    if grid.kind == "iq3_xxs":
+        digits = L.reshape(rows, nb, 32, 8).astype(np.uint32)  # (rows, nb, codeword, 3-bit code)
+        words = (digits << (3 * np.arange(8, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
+        qs = np.stack([words & 255, (words >> 8) & 255], axis=3).astype(np.uint8).reshape(rows, nb, 64)
+        signs = ((words >> 16) & 127).reshape(rows, nb, 8, 4)
+        aux = (signs << (7 * np.arange(4, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
+        aux = aux | (sc.astype(np.uint32) << 28)
+        parts = [d, qs, aux.astype("<u4").view(np.uint8).reshape(rows, nb, 32)]
+    elif grid.bits == 2:  # Q2_K
         zero = qt.zero.reshape(rows, nb, 1 + ns)
         dmin = _fp16_bytes(zero[..., 0], "super-block mins dmin")
         lm = _codes_of(zero[..., 1:], 0, grid.code_hi, "sub-block mins").astype(np.uint8)
@@ -216,7 +229,15 @@ def _k_tensor(b: np.ndarray, grid: KQuantGrid, device: torch.device | str) -> Qu
         return np.ascontiguousarray(b[..., at:at + 2]).view("<f2").reshape(rows, nb, 1).astype(np.float32)
 
     zero = None
-    if grid.bits == 2:  # Q2_K
+    if grid.kind == "iq3_xxs":
+        qs = b[..., 2:66].reshape(rows, nb, 8, 4, 2).astype(np.uint32)
+        aux = np.ascontiguousarray(b[..., 66:98]).view("<u4").reshape(rows, nb, 8, 1).astype(np.uint32)
+        ls = aux >> 28
+        run = np.arange(4, dtype=np.uint32)
+        words = qs[..., 0] | (qs[..., 1] << 8) | (((aux >> (7 * run)) & 127) << 16) | (((ls >> run) & 1) << 23)
+        L = (words[..., None] >> (3 * np.arange(8, dtype=np.uint32))) & 7  # (rows, nb, 8, 4, 8)
+        scale = np.concatenate([fp16(0), ls[..., 0].astype(np.float32)], axis=2)
+    elif grid.bits == 2:  # Q2_K
         sc, qs = b[..., :16], b[..., 16:80].reshape(rows, nb, 2, 1, 32)
         L = (qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # (rows, nb, half, quarter, l)
         scale = np.concatenate([fp16(80), (sc & 0xF).astype(np.float32)], axis=2)
