@@ -1,9 +1,23 @@
 """Shared test helpers: small matrices and anisotropic, correlated Hessians; a stories260K export."""
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (``-n N``) each of the N workers, and every process a test starts, gets its share
+    of the cores instead of all of them, so that N workers do not oversubscribe the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+
+
+_share_the_cores_between_workers()
 
 
 def correlated_hessian(n: int, tokens: int = 4096, seed: int = 0) -> torch.Tensor:
