@@ -464,7 +464,8 @@ def test_stories_export_round_trip(kind, rank, tmp_path):
 
 # ----- k-quants: super-blocks of 256 ----------------------------------------------------------
 K_KINDS = list(K_GRIDS)
-K_FIXED = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_xs": 4, "iq3_xxs": 3}
+K_FIXED = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_xs": 4, "iq3_xxs": 3, "iq2_xs": 2}
+LATTICE = [k for k in K_GRIDS if K_GRIDS[k].dim > 1]  # the i-quants on lattice codebooks
 # bytes per 256 weights counted from ggml-common.h's structs
 K_BYTES = {"q2_k": 16 + 256 // 4 + 2 + 2,  # 4-bit scale | 4-bit min of 16 sub-blocks, 2-bit codes, d, dmin
            "q3_k": 256 // 8 + 256 // 4 + 12 + 2,  # high bits, low two bits, 6-bit scales of 16 sub-blocks, d
@@ -472,8 +473,10 @@ K_BYTES = {"q2_k": 16 + 256 // 4 + 2 + 2,  # 4-bit scale | 4-bit min of 16 sub-b
            "q5_k": 2 + 2 + 12 + 256 // 8 + 256 // 2,  # ... plus the fifth bits
            "q6_k": 256 // 2 + 256 // 4 + 16 + 2,  # low nibbles, high two bits, int8 scales of 16 sub-blocks, d
            "iq4_xs": 2 + 2 + 256 // 64 + 256 // 2,  # d, top two bits and low nibbles of 8 6-bit scales, 4-bit codes
-           "iq3_xxs": 2 + 256 // 4 + 8 * (4 * 7 + 4) // 8}  # d, a byte per 4-weight grid point, per sub-block of 32
-# four 7-bit sign patterns and a 4-bit scale
+           "iq3_xxs": 2 + 256 // 4 + 8 * (4 * 7 + 4) // 8,  # d, a byte per 4-weight grid point, per sub-block of
+           # 32 four 7-bit sign patterns and a 4-bit scale
+           "iq2_xs": 2 + 32 * (9 + 7) // 8 + 16 * 4 // 8}  # d, per 8 weights a 9-bit grid index and 7 sign bits,
+# 16 4-bit scales
 
 
 @pytest.fixture(scope="module")
@@ -524,8 +527,15 @@ def _ggml_quantize(ggml, kind: str, W: torch.Tensor) -> np.ndarray:
 
     x = np.ascontiguousarray(W.numpy(), dtype=np.float32)
     out = np.zeros((x.shape[0], x.shape[1] // 256 * K_BYTES[kind]), dtype=np.uint8)
-    if kind.startswith(("iq3", "iq2")):
-        ggml.iq3xs_init_impl(256) if kind.startswith("iq3") else ggml.iq2xs_init_impl(ctypes.c_int(256))
+    if kind == "iq3_xxs":
+        ggml.iq3xs_init_impl(256)  # its grid's neighbour tables (ggml_quantize_init does this in llama.cpp)
+    if kind == "iq2_xs":  # no _ref: its quantizer needs importances (llama.cpp's imatrix), here all 1
+        ggml.iq2xs_init_impl(int(ggml_type(kind)))
+        fn = ggml.quantize_iq2_xs
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        ones = np.ones(x.shape[1], dtype=np.float32)
+        fn(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], ones.ctypes.data)
+        return out
     fn = getattr(ggml, f"quantize_row_{_ggml_name(kind)}_ref")
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     fn(x.ctypes.data, out.ctypes.data, x.size)
@@ -549,11 +559,12 @@ def test_k_quant_bits_and_group_size(kind):
     format's own bq and group_size of 256 only, and no act-order or Q2N."""
     b = K_FIXED[kind]
     grid = make_grid(kind, b, 256)
-    assert (grid.kind, grid.bits, grid.group_size, grid.dim) == (kind, b, 256, 8 if kind == "iq3_xxs" else 1)
+    assert (grid.kind, grid.bits, grid.group_size, grid.dim) == (kind, b, 256, 8 if kind in LATTICE else 1)
     assert GGML_QUANT_SIZES[ggml_type(kind)] == (256, K_BYTES[kind])
     assert grid.storage_bits(1, 256) == 8 * K_BYTES[kind] and grid.storage_bits(3, 512) == 6 * 8 * K_BYTES[kind]
     assert grid.storage_bits(1, 256) / 256 == {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5,
-                                               "q6_k": 6.5625, "iq4_xs": 4.25, "iq3_xxs": 3.0625}[kind]
+                                               "q6_k": 6.5625, "iq4_xs": 4.25, "iq3_xxs": 3.0625,
+                                               "iq2_xs": 2.3125}[kind]
     for bad in ((b, 32), (b + 1, 256)):
         with pytest.raises(ValueError, match=f"set bits={b}, group_size=256"):
             make_grid(kind, *bad)
@@ -584,8 +595,8 @@ def test_k_quant_bytes_decode_exactly(kind, name, ggml_or_none):
     if ggml_or_none is not None:
         np.testing.assert_array_equal(_bits(_ggml_dequantize(ggml_or_none, kind, data, Q.shape)), _bits(Q))
     if name == "special":
-        assert not Q[0].any()  # a zero row stays zero, and so does a zero sub-block where a level is 0 (IQ3_XXS has
-        assert kind == "iq3_xxs" or not Q[1, 32:64].any()  # none: its smallest magnitude is d/4 · 4)
+        assert not Q[0].any()  # a zero row stays zero, and so does a zero sub-block where a level is 0 (the lattice
+        assert kind in LATTICE or not Q[1, 32:64].any()  # i-quants have none: IQ3_XXS's least magnitude is d/4 · 4)
         codes = qt.scale.reshape(48, 2, -1)[..., 1:].numpy()  # the sub-block scale codes of both super-blocks
         assert not (np.signbit(codes) & (codes == 0)).any()  # no −0 (ggml's bytes have none)
     back = from_gguf_bytes(data, qt.shape, kind)
@@ -603,7 +614,7 @@ def test_k_quant_foreign_bytes_decode_like_ggml(kind, ggml_or_none):
     data = gen.integers(0, 256, size=(8, 3 * size), dtype=np.uint8)
     blocks = data.reshape(8, 3, size)
     at = {"q2_k": 80, "q3_k": 108, "q6_k": 208}.get(kind, 0)
-    n = 1 if kind in ("q3_k", "q6_k", "iq4_xs", "iq3_xxs") else 2
+    n = 1 if kind in ("q3_k", "q6_k", "iq4_xs", *LATTICE) else 2
     blocks[..., at:at + 2 * n] = (gen.standard_normal((8, 3, n)) * 0.01).astype("<f2").view(np.uint8)
     qt = from_gguf_bytes(data, (8, 768), kind)
     Q = qt.dequantize().numpy()
@@ -633,7 +644,7 @@ def test_k_quant_fit_is_no_worse_than_ggmls_reference(kind, name, ggml):
     worse = err > err_ref * (1 + 1e-6) + 1e-18
     assert not worse.any(), (worse.sum(), err[worse] / err_ref[worse])
     gain = 1 - err.sum() / err_ref.sum()  # measured Q2..6_K, IQ4_XS, IQ3_XXS: Gaussian 22/6.9/4.0/7.6/5.7/4.7/30 %,
-    # heavy 80/29/52/68/34/24/48 %
+    # heavy 80/29/52/68/34/24/48 %; IQ2_XS against ggml's quantizer with importances all 1: IQ2XS_GAIN
     assert gain >= (0.02 if name == "gauss" else 0.2), gain
 
 
@@ -651,37 +662,44 @@ def test_k_quant_encode_is_the_nearest_level(kind):
         assert torch.all((W[:, c] - grid.round(W, p)[:, c]).abs() <= best * (1 + 1e-5) + 1e-12)
 
 
-def test_iq3_xxs_rounds_to_the_nearest_of_all_its_codewords():
-    """IQ3_XXS's codewords are s_j · (the two 4-vectors of ggml's 256-point grid, with 8 signs of even parity): its
-    round of every run of 8 weights is the nearest of all 2^23 of them (brute force, the grid and sign table read
-    from gguf-py), encode gives 3-bit codes that decode to it, and its 4 bytes per run carry ls_j's bits."""
+@pytest.mark.parametrize("kind", LATTICE)
+def test_lattice_i_quants_round_to_the_nearest_of_all_their_codewords(kind):
+    """A lattice i-quant's codewords are s_j · (its grid points' magnitudes (two 4-vectors of ggml's 256-point grid for
+    IQ3_XXS, one 8-vector of the 512-point grid for IQ2_XS) with 8 signs of even parity): its round of every run of 8
+    weights is the nearest of all of them (brute force, the grids and sign table read from gguf-py), encode gives
+    codes that decode to it, and IQ3_XXS's codes carry ls_j's bits."""
     import gguf.quants
 
     from lqlr.core.gguf_grids import sign_patterns
 
-    gguf.quants.IQ3_XXS.init_grid()
-    points = torch.from_numpy(np.array(gguf.quants.IQ3_XXS.grid, dtype=np.float32).reshape(256, 4))
+    cls = getattr(gguf.quants, kind.upper())
+    cls.init_grid()
+    points = torch.from_numpy(np.array(cls.grid, dtype=np.float32).reshape(cls.grid_shape))
     ksigns = torch.from_numpy(np.frombuffer(gguf.quants.IQ2_XXS.ksigns, dtype=np.uint8).astype(np.int64))
     assert torch.equal(sign_patterns(), ksigns)
     assert all(bin(int(k)).count("1") % 2 == 0 for k in ksigns)  # even parity: 128 patterns of 8 signs
-    pairs = torch.cat([points[:, None].expand(256, 256, 4), points[None].expand(256, 256, 4)], 2).reshape(-1, 8)
+    if points.shape[1] == 4:  # every pair of 4-vectors
+        n = len(points)
+        points = torch.cat([points[:, None].expand(n, n, 4), points[None].expand(n, n, 4)], 2).reshape(-1, 8)
     signs = 1.0 - 2.0 * ((ksigns[:, None] >> torch.arange(8)) & 1).float()  # (128, 8)
-    grid = make_grid("iq3_xxs", 3, 256)
+    grid = make_grid(kind, K_FIXED[kind], 256)
     W = _matrix("heavy", rows=4, cols=256, seed=11)
     p = grid.fit(W)
     codes = grid.encode(W, p)
-    assert codes.dtype == torch.uint8 and int(codes.max()) <= 7
+    assert codes.dtype == torch.uint8 and int(codes.max()) < 2**grid.bits
     Q = grid.round(W, p)
     assert torch.equal(grid.decode(codes, p), Q)
-    s = p.scale[:, :1] * (0.5 + p.scale[:, 1:]) * 0.5  # (rows, 8) ggml's db
+    s = p.scale[:, :1] * (0.5 + p.scale[:, 1:]) * grid.SCALE_UNIT  # (rows, n_sub) ggml's db
     for r, run in [(0, 0), (1, 5), (2, 17), (3, 31), (0, 30)]:
         x = W[r, 8 * run:8 * run + 8].double()
-        best = min(float(((x - s[r, run // 4].double() * (pairs[None] * sg[:, None]).double()) ** 2).sum(-1).min())
+        sj = s[r, 8 * run // grid.sub].double()
+        best = min(float(((x - sj * (points[None] * sg[:, None]).double()) ** 2).sum(-1).min())
                    for sg in signs.split(16))
         got = float(((x - Q[r, 8 * run:8 * run + 8].double()) ** 2).sum())
         assert got <= best * (1 + 1e-5) + 1e-14, (r, run, got, best)
-        ls = int(p.scale[r, 1 + run // 4])  # bit (run % 4) of ls_j is the codeword's top bit (code 7's bit 2)
-        assert (int(codes[r, 8 * run + 7]) >> 2) & 1 == (ls >> (run % 4)) & 1
+        if kind == "iq3_xxs":  # bit (run % 4) of ls_j is the codeword's top bit (code 7's bit 2)
+            ls = int(p.scale[r, 1 + run // 4])
+            assert (int(codes[r, 8 * run + 7]) >> 2) & 1 == (ls >> (run % 4)) & 1
 
 
 @pytest.mark.parametrize("kind", K_KINDS)
@@ -733,7 +751,7 @@ def test_k_quant_short_rows():
         to_gguf_bytes(qt)
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "iq4_xs", "iq3_xxs"])
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "iq4_xs", *LATTICE])
 def test_qlr_linear_on_k_quants(kind):
     """decompose → QLRLinear → its packed buffers → QuantizedTensor: the same blocks and the same function."""
     from lqlr.nn.layer import QLRLinear

@@ -344,6 +344,7 @@ class KQuantGrid(Grid):
     # llama.cpp's make_qkx2_quants search (rmin, rdelta, nstep)
     QKX2 = (-1.0, 0.1, 20)
     D_FACTORS = (1.0, 0.97, 0.94, 0.9)  # d = f · largest target / code_hi
+    TARGET_WEIGHTS = (True, False)  # the symmetric types' target scales: under llama.cpp's weights, then all 1
 
     def __init__(self, bits: int | None = None, group_size: int | None = None) -> None:
         message = fixed_values_error(self.kind, bits, group_size)
@@ -479,7 +480,7 @@ class KQuantGrid(Grid):
         sub-block's signed target scale s_j from :meth:`_targets` (llama.cpp's weights, then all 1), d from the
         largest |s_j| times each of D_FACTORS (:meth:`_scale_codes`, f = 1 llama.cpp's own), the codes nearest."""
         out = []
-        for weighted in (True, False):
+        for weighted in self.TARGET_WEIGHTS:
             S = self._targets(X, weighted)  # (rows, n_sub)
             max_scale = S.gather(1, S.abs().argmax(dim=1, keepdim=True))  # first of the largest (llama.cpp's >)
             for f in self.D_FACTORS:
@@ -803,70 +804,73 @@ def sign_patterns(device: torch.device | str | None = None) -> torch.Tensor:
     return i | (odd << 7)
 
 
-def _iq3_grid_cpu() -> torch.Tensor:
+def lattice_points(name: str) -> torch.Tensor:
+    """ggml's grid of i-quant ``name`` (``"IQ3_XXS"``: iq3xxs_grid, (256, 4); ``"IQ2_XS"``: iq2xs_grid, (512, 8)):
+    the magnitudes of its points, float32 on the CPU, as gguf-py unpacks them."""
     import gguf.quants
 
-    gguf.quants.IQ3_XXS.init_grid()
-    return torch.from_numpy(np.array(gguf.quants.IQ3_XXS.grid, dtype=np.float32).reshape(256, 4))
+    cls = getattr(gguf.quants, name)
+    cls.init_grid()
+    return torch.from_numpy(np.array(cls.grid, dtype=np.float32).reshape(cls.grid_shape))
 
 
-class IQ3_XXSGrid(KQuantGrid):
-    """IQ3_XXS: 8 sub-blocks of 32 weights with 4-bit scale codes ls_j, s_j = d·(0.5 + ls_j)·0.5 (fp16 d); each
-    run of 8 weights is s_j · (σ_0 g_0, …, σ_7 g_7), g the magnitudes of two points of ggml's 256-point grid
-    ``iq3xxs_grid`` (4 values each from {4, 12, 20, …, 52, 62}), σ a sign pattern with an even number of minus
-    signs (7 stored bits). 98 bytes per 256 weights: 3.0625 bits.
+class LatticeGrid(KQuantGrid):
+    """An i-quant on a lattice codebook (``dim = 8``): sub-blocks of ``sub`` weights with 4-bit scale codes ls_j,
+    s_j = d·(0.5 + ls_j)·SCALE_UNIT (fp16 d, ggml's db); each run of 8 weights is s_j · (σ_0 g_0, …, σ_7 g_7), g the
+    magnitudes of ``parts`` points of ggml's grid (8/parts values each), σ a sign pattern with an even number of
+    minus signs (7 stored bits, ksigns_iq2xs).
 
-    A codeword's 23 bits (grid indices i₁, i₂, the 7 sign bits) plus one bit of its sub-block's ls_j (bit l of
-    ls_j rides with the sub-block's codeword l, as ggml packs ls_j beside the signs) are its eight 3-bit codes,
-    code k = bits 3k … 3k+2 of i₁ | i₂ << 8 | signs << 16 | bit << 23; so the codes pack at 3 bits per weight and
-    the group parameters count only d (the sub-block scales are inside the codes).
+    A codeword's word (its grid indices and 7 sign bits, laid out by :meth:`_word`) is stored as its eight
+    DIGIT_BITS-bit codes, code k = bits DIGIT_BITS·k … of the word, so the codes pack at DIGIT_BITS bits per weight.
 
-    The nearest codeword (under per-weight weights w) is exact: on each half of 4 weights the best signs are
-    x's and the best grid point minimises Σ w (|x| − s g)²; where x has an odd number of negative signs, the
-    cheapest repair flips one weight, costing 4 s w |x| g, in one half or the other (:func:`_lattice_nearest`).
-    Fitting: each sub-block's scale from a search of s = amax/v over the grid's range with a least-squares
-    refit, then d and the codes ls_j as for the other k-quants, polished by ±1."""
+    The nearest codeword (under per-weight weights w) is exact (:func:`lattice_nearest`). Fitting: each
+    sub-block's scale from a search of s = amax/v over the grid's range with a least-squares refit, then d and the
+    codes ls_j as for the other k-quants, polished by ±1."""
 
-    kind = "iq3_xxs"
-    bits_fixed = 3
-    dim = LATTICE_DIM
-    sub = 32
     affine = False
     code_lo, code_hi = 0, 15
     SCALE_BITS = 4
     D_FACTORS = (1.0, 0.95)
+    # unweighted targets only: adding llama.cpp's x²-weighted ones changed no error (Gaussian and heavy-tailed
+    # 32 × 512, IQ3_XXS and IQ2_XS) and took 2-3 × the time; x²-weighted alone is 7-30 % worse
+    TARGET_WEIGHTS = (False,)
     column_offsets = True  # LDLQ's rounding of a few columns says where in the super-block they are
-    # the scale search: the sub-block's absmax on grid magnitude v, for these v (llama.cpp searches 31 steps)
-    # (10 steps: relative MSE 0.03184 on 64 × 512 Gaussian weights, 16: 0.03182; ignoring the parity in the
-    # search, 0.0386)
-    SEARCH = tuple(float(v) for v in np.linspace(16.0, 62.0, 10))
+    dim = LATTICE_DIM
+    POINTS = ""  # ggml's grid, by gguf-py's class name
+    parts = 1  # grid points per codeword
+    SCALE_UNIT = 0.5
+    DIGIT_BITS = 2
+    SEARCH: tuple[float, ...] = ()  # the scale search: the sub-block's absmax on grid magnitude v, for these v
 
     def __init__(self, bits: int | None = None, group_size: int | None = None) -> None:
         super().__init__(bits, group_size)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @property
-    def overhead_bits(self) -> int:
-        return 16  # d; the eight 4-bit ls_j are bits of the codes
-
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the grid's points (256, 4) float32, the sign patterns (128,) int64) on ``device``, made once each."""
+        """(the grid's points (P, 8/parts) float32, the sign patterns (128,) int64) on ``device``, made once each."""
         key = str(device)
         if key not in self._cache:
-            self._cache[key] = (_iq3_grid_cpu().to(device), sign_patterns(device))
+            self._cache[key] = (lattice_points(self.POINTS).to(device), sign_patterns(device))
         return self._cache[key]
 
     def _effective(self, p: GroupParams, start: int, width: int) -> tuple[torch.Tensor, None]:
         sub = torch.arange(start, start + width, device=p.scale.device) // self.sub
-        return (p.scale[:, :1] * (0.5 + p.scale[:, 1:]) * 0.5)[:, sub], None  # ggml's db, exact in float32
+        return self._scales(p.scale[:, :1], p.scale[:, 1:])[:, sub], None
 
-    def _words(self, x: torch.Tensor, s: torch.Tensor, w: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(23-bit words (rows, n) int64, Σ w (x − x̂)² (rows, n)) of the nearest codewords of x (rows, n, 8)
-        under scales s (rows, n)."""
-        grid, _ = self._tables(x.device)
-        i, signs, err = _lattice_nearest(x, s, grid, 2, w)
-        return i[..., 0] | (i[..., 1] << 8) | ((signs & 127) << 16), err
+    def _scales(self, d: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
+        return d * (0.5 + ls) * self.SCALE_UNIT  # ggml's db, exact in float32
+
+    def _word(self, index: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        """The stored word of codewords with grid indices ``index`` (..., parts) and 7 sign bits ``signs``."""
+        raise NotImplementedError
+
+    def _split(self, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid indices (..., parts), 7 sign bits) of stored words (the inverse of :meth:`_word`)."""
+        raise NotImplementedError
+
+    def _extra_bits(self, p: GroupParams, run: torch.Tensor) -> torch.Tensor | int:
+        """Bits that ride in the words of runs ``run`` beyond the codeword's (IQ3_XXS: its sub-block's scale)."""
+        return 0
 
     def _start(self, p: GroupParams, width: int, start: int | None) -> int:
         if start is not None:
@@ -878,6 +882,13 @@ class IQ3_XXSGrid(KQuantGrid):
             return start
         return 0
 
+    def _values(self, index: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        """σ ⊙ g (..., 8) of codewords (indices (..., parts), 7 sign bits), before the scale."""
+        grid, patterns = self._tables(index.device)
+        g = grid[index].flatten(-2)  # (..., 8) magnitudes
+        bits = (patterns[signs & 127][..., None] >> torch.arange(LATTICE_DIM, device=index.device)) & 1
+        return g * (1 - 2 * bits).to(torch.float32)
+
     def encode(self, x: torch.Tensor, p: GroupParams, start: int | None = None) -> torch.Tensor:
         rows, width = x.shape
         start = self._start(p, width, start)
@@ -885,24 +896,20 @@ class IQ3_XXSGrid(KQuantGrid):
             raise ValueError(f"{self.kind} codes runs of {LATTICE_DIM} columns: got columns {start}…{start + width}")
         s, _ = self._effective(p, start, width)
         n = width // LATTICE_DIM
-        words, _ = self._words(x.to(torch.float32).reshape(rows, n, LATTICE_DIM), s[:, ::LATTICE_DIM])
-        # bit l of the sub-block's ls_j with its codeword l (the 4 codewords of a sub-block carry ls_j's 4 bits)
+        grid, _ = self._tables(x.device)
+        index, signs, _ = lattice_nearest(x.to(torch.float32).reshape(rows, n, LATTICE_DIM), s[:, ::LATTICE_DIM],
+                                          grid, self.parts)
         run = torch.arange(start // LATTICE_DIM, start // LATTICE_DIM + n, device=x.device)
-        ls = p.scale[:, 1:][:, run // 4].to(torch.int64)
-        words = words | (((ls >> (run % 4)) & 1) << 23)
-        digits = (words[..., None] >> (3 * torch.arange(LATTICE_DIM, device=x.device))) & 7
-        return digits.reshape(rows, width).to(torch.uint8)
+        words = self._word(index, signs) | self._extra_bits(p, run)
+        digits = (words[..., None] >> (self.DIGIT_BITS * torch.arange(LATTICE_DIM, device=x.device)))
+        return (digits & (2**self.DIGIT_BITS - 1)).reshape(rows, width).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor, p: GroupParams, start: int | None = None) -> torch.Tensor:
         rows, width = codes.shape
-        start = 0 if start is None else start
-        grid, patterns = self._tables(codes.device)
         digits = codes.to(torch.int64).reshape(rows, width // LATTICE_DIM, LATTICE_DIM)
-        words = (digits << (3 * torch.arange(LATTICE_DIM, device=codes.device))).sum(dim=2)
-        g = torch.cat([grid[words & 255], grid[(words >> 8) & 255]], dim=2)  # (rows, n, 8) magnitudes
-        bits = (patterns[(words >> 16) & 127][..., None] >> torch.arange(LATTICE_DIM, device=codes.device)) & 1
-        s, _ = self._effective(p, start, width)
-        return s * (g * (1 - 2 * bits).to(torch.float32)).reshape(rows, width)  # db · grid · ±1, exact
+        words = (digits << (self.DIGIT_BITS * torch.arange(LATTICE_DIM, device=codes.device))).sum(dim=2)
+        s, _ = self._effective(p, 0 if start is None else start, width)
+        return s * self._values(*self._split(words)).reshape(rows, width)  # db · grid · ±1, exact
 
     def round(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
         start = self._start(p, x.shape[1], None)
@@ -910,28 +917,27 @@ class IQ3_XXSGrid(KQuantGrid):
 
     def _sub_errors(self, X, M, d, sc, dmin, m) -> torch.Tensor:
         rows, n_sub, _ = X.shape
-        s = (d * (0.5 + sc) * 0.5).repeat_interleave(self.sub // LATTICE_DIM, dim=1)  # (rows, 32 runs)
-        _, err = self._words(X.reshape(rows, -1, LATTICE_DIM), s, M.reshape(rows, -1, LATTICE_DIM))
+        s = self._scales(d, sc).repeat_interleave(self.sub // LATTICE_DIM, dim=1)  # (rows, runs)
+        grid, _ = self._tables(X.device)
+        _, _, err = lattice_nearest(X.reshape(rows, -1, LATTICE_DIM), s, grid, self.parts,
+                                    M.reshape(rows, -1, LATTICE_DIM))
         return err.reshape(rows, n_sub, -1).sum(dim=2)
 
     def _targets(self, X: torch.Tensor, weighted: bool) -> torch.Tensor:
         """Each sub-block's scale s_j (rows, n_sub): of s = amax/v for v in SEARCH, each refitted by least squares
         on its codewords' values q (s = Σ w x q / Σ w q²), the one with the largest (Σ w x q)² / Σ w q²; w = x²
-        (``weighted``, llama.cpp's weights without an imatrix) or all 1 (weighting them by the fit's importances,
-        LDLQ's pivots, lost 2 % in tests/test_gguf_grids.py's pivot test)."""
+        (``weighted``, llama.cpp's weights without an imatrix) or all 1 (TARGET_WEIGHTS; weighting them by the fit's
+        importances, LDLQ's pivots, lost 2 % on IQ3_XXS in tests/test_gguf_grids.py's pivot test)."""
         rows, n_sub, _ = X.shape
-        grid, patterns = self._tables(X.device)
+        grid, _ = self._tables(X.device)
         w = X * X if weighted else torch.ones_like(X)
         amax = X.abs().amax(dim=2)  # (rows, n_sub)
         runs = X.reshape(rows, -1, LATTICE_DIM)
-        wr = w.reshape(rows, -1, LATTICE_DIM)
         best_s, best = torch.zeros_like(amax), torch.full_like(amax, -1.0)
         for v in self.SEARCH:
             s = (amax / v).repeat_interleave(self.sub // LATTICE_DIM, dim=1)
-            i, signs, _ = _lattice_nearest(runs, s, grid, 2, wr)
-            g = torch.cat([grid[i[..., 0]], grid[i[..., 1]]], dim=2)
-            bits = (patterns[signs & 127][..., None] >> torch.arange(LATTICE_DIM, device=X.device)) & 1
-            q = (g * (1 - 2 * bits)).reshape(rows, n_sub, self.sub)
+            index, signs, _ = lattice_nearest(runs, s, grid, self.parts, w.reshape(rows, -1, LATTICE_DIM))
+            q = self._values(index, signs).reshape(rows, n_sub, self.sub)
             sumqx, sumq2 = (w * q * X).sum(dim=2), (w * q * q).sum(dim=2)
             score = torch.where(sumq2 > 0, sumqx * sumqx / torch.where(sumq2 > 0, sumq2, 1.0), 0.0)
             better = score > best
@@ -941,14 +947,71 @@ class IQ3_XXSGrid(KQuantGrid):
         return torch.where(amax < GROUP_MAX_EPS, 0.0, best_s.clamp_min(0.0))
 
     def _scale_codes(self, S, max_scale, f):
-        d = _fp16_param(max_scale / (7.75 * f))  # s_j = d·(ls_j + 0.5)/2: the largest on ls = 15 (f = 1)
-        ls = torch.where(d > 0, _nearest(2.0 * S / torch.where(d > 0, d, 1.0) - 0.5), 0.0)
+        top = (self.code_hi + 0.5) * self.SCALE_UNIT  # s_j = d·(ls_j + ½)·unit: the largest on ls = 15 (f = 1)
+        d = _fp16_param(max_scale / (top * f))
+        ls = torch.where(d > 0, _nearest(S / (self.SCALE_UNIT * torch.where(d > 0, d, 1.0)) - 0.5), 0.0)
         return d, ls.clamp(self.code_lo, self.code_hi)
 
 
-def _lattice_nearest(x: torch.Tensor, s: torch.Tensor, grid: torch.Tensor, parts: int,
-                     w: torch.Tensor | None = None, chunk: int = 8192
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class IQ3_XXSGrid(LatticeGrid):
+    """IQ3_XXS: 8 sub-blocks of 32, s_j = d·(0.5 + ls_j)·0.5; a codeword is two points of ggml's 256-point grid
+    ``iq3xxs_grid`` (4 magnitudes each from {4, 12, 20, …, 52, 62}) and 8 signs of even parity. 98 bytes per 256
+    weights: 3.0625 bits.
+
+    Its word is i₁ | i₂ << 8 | signs << 16 | bit << 23, the bit being bit l of its sub-block's ls_j for the
+    sub-block's codeword l (as ggml packs ls_j beside the signs): 3-bit codes, and d is the only other parameter."""
+
+    kind = "iq3_xxs"
+    bits_fixed = 3
+    sub = 32
+    POINTS = "IQ3_XXS"
+    parts = 2
+    SCALE_UNIT = 0.5
+    DIGIT_BITS = 3
+    # (relative MSE on 32 × 512 Gaussian weights: v in 16 … 62, 0.03191; 20 … 80, which clips the largest weights,
+    # 0.03140; 30 … 90, 0.03140; ignoring the sign parity in the search, 0.0386)
+    SEARCH = tuple(float(v) for v in np.linspace(20.0, 80.0, 10))
+
+    @property
+    def overhead_bits(self) -> int:
+        return 16  # d; the eight 4-bit ls_j are bits of the codes
+
+    def _word(self, index, signs):
+        return index[..., 0] | (index[..., 1] << 8) | ((signs & 127) << 16)
+
+    def _split(self, word):
+        return torch.stack([word & 255, (word >> 8) & 255], dim=-1), (word >> 16) & 127
+
+    def _extra_bits(self, p, run):
+        ls = p.scale[:, 1:][:, run // 4].to(torch.int64)  # the 4 codewords of a sub-block carry ls_j's 4 bits
+        return ((ls >> (run % 4)) & 1) << 23
+
+
+class IQ2_XSGrid(LatticeGrid):
+    """IQ2_XS: 16 sub-blocks of 16, s_j = d·(0.5 + ls_j)·0.25; a codeword is one point of ggml's 512-point grid
+    ``iq2xs_grid`` (8 magnitudes from {8, 25, 43}) and 8 signs of even parity: a 16-bit word i | signs << 9, eight
+    2-bit codes. 74 bytes per 256 weights (fp16 d, 32 words, 16 4-bit ls_j): 2.3125 bits."""
+
+    kind = "iq2_xs"
+    bits_fixed = 2
+    sub = 16
+    POINTS = "IQ2_XS"
+    parts = 1
+    SCALE_UNIT = 0.25
+    DIGIT_BITS = 2
+    # (32 × 512 Gaussian weights: v in 12 … 43, 0.0849; 20 … 60, 0.08231; 25 … 70, 0.08228)
+    SEARCH = tuple(float(v) for v in np.linspace(25.0, 70.0, 10))
+
+    def _word(self, index, signs):
+        return index[..., 0] | ((signs & 127) << 9)
+
+    def _split(self, word):
+        return (word & 511)[..., None], (word >> 9) & 127
+
+
+def lattice_nearest(x: torch.Tensor, s: torch.Tensor, grid: torch.Tensor, parts: int,
+                    w: torch.Tensor | None = None, chunk: int = 8192
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The nearest codewords s·(σ ⊙ (g_1, …, g_parts)) of x (..., 8): g_k points of ``grid`` (P, 8/parts), σ signs
     with an even number of minus signs, under weights w (..., 8) (None: all 1), s (...) ≥ 0. Returns (the grid
     indices (..., parts) int64, the 8 sign bits (...) int64 (bit k: weight k negative), the weighted squared error
@@ -960,45 +1023,45 @@ def _lattice_nearest(x: torch.Tensor, s: torch.Tensor, grid: torch.Tensor, parts
     n, width = x.shape[0], LATTICE_DIM // parts
     G, G2 = grid.T, (grid * grid).T  # (width, P)
     index = torch.empty(n, parts, dtype=torch.int64, device=x.device)
-    flips = torch.empty(n, parts, dtype=torch.int64, device=x.device)  # which weight of each part a repair flips
+    flipped = torch.full((n,), -1, dtype=torch.int64, device=x.device)  # the weight a parity repair flips (−1: none)
     errors = torch.empty(n, dtype=torch.float32, device=x.device)
     neg = x < 0
     odd = (neg.sum(dim=1) % 2) == 1
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         ax, wc, sc = x[a:b].abs(), w[a:b], s[a:b]
-        plain, fixed, plain_i, fixed_i, fixed_k = [], [], [], [], []
+        oi = torch.nonzero(odd[a:b])[:, 0]  # the runs whose own signs have odd parity: one flip repairs them
+        plain_e, plain_i, extra, fixed_i, fixed_k = [], [], [], [], []
         for k in range(parts):
             A, W = ax[:, k * width:(k + 1) * width], wc[:, k * width:(k + 1) * width]
             # Σ w (|x| − s g)² for every grid point (rows, P), expanded
             cost = (W * A * A).sum(1, keepdim=True) - 2 * sc * ((W * A) @ G) + sc * sc * (W @ G2)
-            flip = 4 * sc * W * A  # flipping weight i against x's sign adds flip_i · g_i
+            e0, i0 = cost.min(dim=1)
+            flip = 4 * sc[oi] * W[oi] * A[oi]  # flipping weight i against x's sign adds flip_i · g_i
             pmin = flip[:, :1] * G[0]
             for i in range(1, width):
                 pmin = torch.minimum(pmin, flip[:, i:i + 1] * G[i])
-            e0, i0 = cost.min(dim=1)
-            e1, i1 = (cost + pmin).min(dim=1)
-            plain.append(e0), plain_i.append(i0), fixed.append(e1), fixed_i.append(i1)
-            fixed_k.append((flip * grid[i1]).argmin(dim=1))  # the weight the repair flips at that point
-        base = sum(plain)
-        # odd parity: repair in the part where it costs least (its fixed cost against its plain one)
-        extra = torch.stack([f - p for f, p in zip(fixed, plain)], dim=1)  # (rows, parts)
-        where = extra.argmin(dim=1)
-        o = odd[a:b]
-        errors[a:b] = torch.where(o, base + extra.gather(1, where[:, None])[:, 0], base).clamp_min(0.0)
-        for k in range(parts):
-            use = o & (where == k)
-            index[a:b, k] = torch.where(use, fixed_i[k], plain_i[k])
-            flips[a:b, k] = torch.where(use, fixed_k[k] + k * width, -1)
+            e1, i1 = (cost[oi] + pmin).min(dim=1)
+            plain_e.append(e0), plain_i.append(i0), extra.append(e1 - e0[oi]), fixed_i.append(i1)
+            fixed_k.append((flip * grid[i1]).argmin(dim=1) + k * width)  # the weight the repair flips there
+        # repair in the part where it costs least
+        extra_t = torch.stack(extra, dim=1)  # (odd runs, parts)
+        where = extra_t.argmin(dim=1, keepdim=True)
+        err = sum(plain_e)
+        err[oi] += extra_t.gather(1, where)[:, 0]
+        errors[a:b] = err.clamp_min(0.0)
+        idx = torch.stack(plain_i, dim=1)  # (rows, parts)
+        idx[oi, where[:, 0]] = torch.stack(fixed_i, dim=1).gather(1, where)[:, 0]
+        index[a:b] = idx
+        flipped[a + oi] = torch.stack(fixed_k, dim=1).gather(1, where)[:, 0]
     bit = torch.arange(LATTICE_DIM, device=x.device)
     signs = (neg.to(torch.int64) << bit).sum(dim=1)
-    flip = flips.max(dim=1).values  # the repaired weight (−1: none)
-    signs = torch.where(flip >= 0, signs ^ (1 << flip.clamp_min(0)), signs)
+    signs = torch.where(flipped >= 0, signs ^ (1 << flipped.clamp_min(0)), signs)
     return index.reshape(*shape, parts), signs.reshape(shape), errors.reshape(shape)
 
 
 K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q2_KGrid, Q3_KGrid, Q4_KGrid, Q5_KGrid, Q6_KGrid,
-                                                              IQ4_XSGrid, IQ3_XXSGrid)}
+                                                              IQ4_XSGrid, IQ3_XXSGrid, IQ2_XSGrid)}
 GGUF_GRIDS.update(K_GRIDS)
 
 assert {k: g.bits_fixed for k, g in GGUF_GRIDS.items()} == GGUF_BITS, "lqlr.config.GGUF_BITS and the grids disagree"

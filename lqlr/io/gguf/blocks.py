@@ -43,6 +43,10 @@ even j, high for odd) and its top two bits at bits 2j of scales_h; qs[16j + l] =
 
 IQ3_XXS: codeword l of sub-block j (weights 32j + 8l … +7) has its grid indices in qs[8j + 2l], qs[8j + 2l + 1] and
 its 7 sign bits at bits 7l of signs_scales[j], whose top four bits hold ls_j (lqlr's codes carry the same bits).
+
+    IQ2_XS  d:f16 | qs u16[32] | scales[8]                         74 bytes
+
+IQ2_XS: qs[r] is codeword r's word (9-bit grid index | 7 sign bits << 9, lqlr's word), scales[j] = ls_{2j} | ls_{2j+1} << 4.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from lqlr.core.gguf_grids import BLOCK, GGUF_GRIDS, QK_K, GGUFGrid, KQuantGrid
+from lqlr.core.gguf_grids import BLOCK, GGUF_GRIDS, QK_K, GGUFGrid, KQuantGrid, LatticeGrid
 from lqlr.core.grids import QuantizedTensor
 
 HALF = BLOCK // 2
@@ -162,9 +166,13 @@ def _k_bytes(qt: QuantizedTensor, size: int) -> np.ndarray:
     scale = qt.scale.reshape(rows, nb, 1 + ns)
     d = _fp16_bytes(scale[..., 0], "super-block scales d")
     sc = _codes_of(scale[..., 1:], grid.code_lo, grid.code_hi, "sub-block scales")
-    if grid.kind == "iq3_xxs":
-        digits = L.reshape(rows, nb, 32, 8).astype(np.uint32)  # (rows, nb, codeword, 3-bit code)
-        words = (digits << (3 * np.arange(8, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
+    if isinstance(grid, LatticeGrid):
+        digits = L.reshape(rows, nb, 32, 8).astype(np.uint32)  # (rows, nb, codeword, code)
+        words = (digits << (grid.DIGIT_BITS * np.arange(8, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
+    if grid.kind == "iq2_xs":
+        ls = sc.astype(np.uint8)  # (rows, nb, 16)
+        parts = [d, words.astype("<u2").view(np.uint8).reshape(rows, nb, 64), ls[..., 0::2] | (ls[..., 1::2] << 4)]
+    elif grid.kind == "iq3_xxs":
         qs = np.stack([words & 255, (words >> 8) & 255], axis=3).astype(np.uint8).reshape(rows, nb, 64)
         signs = ((words >> 16) & 127).reshape(rows, nb, 8, 4)
         aux = (signs << (7 * np.arange(4, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
@@ -229,7 +237,12 @@ def _k_tensor(b: np.ndarray, grid: KQuantGrid, device: torch.device | str) -> Qu
         return np.ascontiguousarray(b[..., at:at + 2]).view("<f2").reshape(rows, nb, 1).astype(np.float32)
 
     zero = None
-    if grid.kind == "iq3_xxs":
+    if grid.kind == "iq2_xs":
+        words = np.ascontiguousarray(b[..., 2:66]).view("<u2").reshape(rows, nb, 32).astype(np.uint32)
+        L = (words[..., None] >> (2 * np.arange(8, dtype=np.uint32))) & 3  # (rows, nb, 32, 8)
+        ls = np.stack([b[..., 66:74] & 0xF, b[..., 66:74] >> 4], axis=3).reshape(rows, nb, 16)
+        scale = np.concatenate([fp16(0), ls.astype(np.float32)], axis=2)
+    elif grid.kind == "iq3_xxs":
         qs = b[..., 2:66].reshape(rows, nb, 8, 4, 2).astype(np.uint32)
         aux = np.ascontiguousarray(b[..., 66:98]).view("<u4").reshape(rows, nb, 8, 1).astype(np.uint32)
         ls = aux >> 28
