@@ -51,7 +51,7 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_sigkill_at_several_points_then_resume(tmp_path):
     base = [sys.executable, "-m", "lqlr.cli", "model=stories260k", "data=wikitext2", "data.n_samples=16", "data.seq_len=128",
-            "method=caldera", "method.rank=8", "method.iters=20", "budget=none", "eval.enabled=false", "progress=false"]
+            "method=caldera", "method.rank=8", "method.iters=8", "budget=none", "eval.enabled=false", "progress=false"]
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
 
     def command(out):
