@@ -22,7 +22,7 @@ GGUF_BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "iq4_nl": 4,
              "q5_k": 5, "q6_k": 6, "iq4_xs": 4, "iq3_xxs": 3, "iq2_xs": 2}
 GGUF_BLOCK = 32
 GGUF_SUPER_BLOCK = 256
-GGUF_BLOCKS = {k: GGUF_SUPER_BLOCK if k.endswith("_k") or k.startswith(("iq4_xs", "iq3", "iq2")) else GGUF_BLOCK
+GGUF_BLOCKS = {k: GGUF_SUPER_BLOCK if k.endswith("_k") or k in ("iq4_xs", "iq3_xxs", "iq2_xs") else GGUF_BLOCK
                for k in GGUF_BITS}
 GGUF_GRIDS = tuple(GGUF_BITS)
 # llama.cpp's type for a tensor whose rows are not made of 256-weight super-blocks (llama-quant.cpp: "incompatible"

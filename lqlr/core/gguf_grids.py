@@ -356,6 +356,18 @@ class KQuantGrid(Grid):
     def n_sub(self) -> int:
         return QK_K // self.sub
 
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The grid's constant tables (:meth:`_make_tables`) on ``device``, made once per device."""
+        cache = self.__dict__.setdefault("_table_cache", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = self._make_tables(torch.device(device))
+        return cache[key]
+
+    def _make_tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The level or codebook tables of the i-quants."""
+        raise NotImplementedError
+
     @property
     def params_per_group(self) -> int:  # type: ignore[override]
         return 1 + self.n_sub
@@ -732,17 +744,10 @@ class IQ4_XSGrid(KQuantGrid):
     levels = IQ4_NL_LEVELS
     NTRY = 7  # llama.cpp's ±7 scale steps per sub-block
 
-    def __init__(self, bits: int | None = None, group_size: int | None = None) -> None:
-        super().__init__(bits, group_size)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the 16 levels, the 15 midpoints between them), float32 on ``device``, made once per device."""
-        key = str(device)
-        if key not in self._cache:
-            lv = torch.tensor(self.levels, dtype=torch.float32, device=device)
-            self._cache[key] = (lv, (lv[1:] + lv[:-1]) / 2)
-        return self._cache[key]
+    def _make_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the 16 levels, the 15 midpoints between them), float32 on ``device``."""
+        lv = torch.tensor(self.levels, dtype=torch.float32, device=device)
+        return lv, (lv[1:] + lv[:-1]) / 2
 
     def _codes(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The code of the level nearest x / s (code 8, level 1, where s = 0: x̂ is 0 whichever code)."""
@@ -842,16 +847,9 @@ class LatticeGrid(KQuantGrid):
     DIGIT_BITS = 2
     SEARCH: tuple[float, ...] = ()  # the scale search: the sub-block's absmax on grid magnitude v, for these v
 
-    def __init__(self, bits: int | None = None, group_size: int | None = None) -> None:
-        super().__init__(bits, group_size)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the grid's points (P, 8/parts) float32, the sign patterns (128,) int64) on ``device``, made once each."""
-        key = str(device)
-        if key not in self._cache:
-            self._cache[key] = (lattice_points(self.POINTS).to(device), sign_patterns(device))
-        return self._cache[key]
+    def _make_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the grid's points (P, 8/parts) float32, the sign patterns (128,) int64) on ``device``."""
+        return lattice_points(self.POINTS).to(device), sign_patterns(device)
 
     def _effective(self, p: GroupParams, start: int, width: int) -> tuple[torch.Tensor, None]:
         sub = torch.arange(start, start + width, device=p.scale.device) // self.sub
@@ -966,7 +964,6 @@ class IQ3_XXSGrid(LatticeGrid):
     sub = 32
     POINTS = "IQ3_XXS"
     parts = 2
-    SCALE_UNIT = 0.5
     DIGIT_BITS = 3
     # (relative MSE on 32 × 512 Gaussian weights: v in 16 … 62, 0.03191; 20 … 80, which clips the largest weights,
     # 0.03140; 30 … 90, 0.03140; ignoring the sign parity in the search, 0.0386)
@@ -995,10 +992,8 @@ class IQ2_XSGrid(LatticeGrid):
     kind = "iq2_xs"
     bits_fixed = 2
     sub = 16
-    POINTS = "IQ2_XS"
-    parts = 1
+    POINTS = "IQ2_XS"  # one point per codeword, 2-bit codes: LatticeGrid's defaults
     SCALE_UNIT = 0.25
-    DIGIT_BITS = 2
     # (32 × 512 Gaussian weights: v in 12 … 43, 0.0849; 20 … 60, 0.08231; 25 … 70, 0.08228)
     SEARCH = tuple(float(v) for v in np.linspace(25.0, 70.0, 10))
 
