@@ -45,8 +45,11 @@ def lloyd_max_mse(bits: int, iters: int = 2000) -> float:
     return float(1.0 - (p * c**2).sum())  # E[x²] − Σ p_i c_i² at the centroid condition
 
 
-def gaussian_records(size: int = 1024, seed: int = 0) -> list[Record]:
-    """Relative MSE of each grid on iid N(0, 1), H = I."""
+def gaussian_records(size: int = 1024, seed: int = 0,
+                     trellis_states: dict[int, tuple[int, ...]] | None = None) -> list[Record]:
+    """Relative MSE of each grid on iid N(0, 1), H = I; the trellis at the state bits ``trellis_states[bits]``
+    (default :data:`TRELLIS_STATES`)."""
+    trellis_states = TRELLIS_STATES if trellis_states is None else trellis_states
     W = torch.randn(size, size, generator=torch.Generator().manual_seed(seed))
     out: list[Record] = []
     for bits in (2, 3, 4):
@@ -68,7 +71,7 @@ def gaussian_records(size: int = 1024, seed: int = 0) -> list[Record]:
                             bits_per_param=grid.storage_bits(size, size) / size**2,
                             error=float(((Q - W) ** 2).sum() / (W**2).sum())))
         # QTIP's bitshift trellis (1MAD code, tail-biting 16 × 16 tiles), one fp16 scale per row, by state bits L
-        for L in TRELLIS_STATES[bits]:
+        for L in trellis_states.get(bits, ()):
             grid = make_grid("trellis", bits, size, state_bits=L)
             t0 = time.perf_counter()
             Q = quantize_rtn(W, grid).dequantize()
