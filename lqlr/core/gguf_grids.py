@@ -1,6 +1,6 @@
 """llama.cpp's block formats as lqlr grids: the 32-weight blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL,
-and the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and the i-quants IQ4_XS and IQ3_XXS (a lattice codebook of 8
-weights per codeword) on super-blocks of 256 (:class:`KQuantGrid`, at the end).
+and the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and the i-quants IQ4_XS, IQ3_XXS and IQ2_XS (the last two lattice
+codebooks of 8 weights per codeword, :class:`LatticeGrid`) on super-blocks of 256 (:class:`KQuantGrid`, at the end).
 
 Each ggml block holds 32 consecutive weights of a row (one group, ``group_size = 32``) and one or
 two fp16 parameters. With c the stored code and q = level[c] its integer level, a block decodes as
@@ -351,6 +351,7 @@ class KQuantGrid(Grid):
         if message:
             raise ValueError(message)
         super().__init__(self.bits_fixed, QK_K)
+        self._table_cache: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @property
     def n_sub(self) -> int:
@@ -358,11 +359,10 @@ class KQuantGrid(Grid):
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The grid's constant tables (:meth:`_make_tables`) on ``device``, made once per device."""
-        cache = self.__dict__.setdefault("_table_cache", {})
         key = str(device)
-        if key not in cache:
-            cache[key] = self._make_tables(torch.device(device))
-        return cache[key]
+        if key not in self._table_cache:
+            self._table_cache[key] = self._make_tables(torch.device(device))
+        return self._table_cache[key]
 
     def _make_tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The level or codebook tables of the i-quants."""
@@ -421,12 +421,18 @@ class KQuantGrid(Grid):
         s, mu = self._effective(p, start, codes.shape[1])
         return self._values(codes.to(torch.float32) - self.offset, s, mu)
 
+    def _next_columns(self, p: GroupParams, width: int) -> int:
+        """Where ``width`` columns rounded under p start in their super-block: 0 for the whole group; LDLQ, rounding
+        a group a few columns at a time, gets the next ones (p.col, the cursor, moves on)."""
+        if not isinstance(p, SuperBlockParams) or width == p.width:
+            return 0
+        start, p.col = p.col, p.col + width
+        if p.col > p.width:
+            raise ValueError(f"{self.kind}: rounded {p.col} columns of a super-block fitted on {p.width}")
+        return start
+
     def round(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
-        start = 0
-        if isinstance(p, SuperBlockParams) and x.shape[1] != p.width:  # LDLQ: the next columns of the block
-            start, p.col = p.col, p.col + x.shape[1]
-            if p.col > p.width:
-                raise ValueError(f"{self.kind}: rounded {p.col} columns of a super-block fitted on {p.width}")
+        start = self._next_columns(p, x.shape[1])
         s, mu = self._effective(p, start, x.shape[1])
         return self._values(self._levels(x.to(torch.float32), s, mu), s, mu)
 
@@ -839,7 +845,7 @@ class LatticeGrid(KQuantGrid):
     # unweighted targets only: adding llama.cpp's x²-weighted ones changed no error (Gaussian and heavy-tailed
     # 32 × 512, IQ3_XXS and IQ2_XS) and took 2-3 × the time; x²-weighted alone is 7-30 % worse
     TARGET_WEIGHTS = (False,)
-    column_offsets = True  # LDLQ's rounding of a few columns says where in the super-block they are
+    column_offsets = True
     dim = LATTICE_DIM
     POINTS = ""  # ggml's grid, by gguf-py's class name
     parts = 1  # grid points per codeword
@@ -870,16 +876,6 @@ class LatticeGrid(KQuantGrid):
         """Bits that ride in the words of runs ``run`` beyond the codeword's (IQ3_XXS: its sub-block's scale)."""
         return 0
 
-    def _start(self, p: GroupParams, width: int, start: int | None) -> int:
-        if start is not None:
-            return start
-        if isinstance(p, SuperBlockParams) and width != p.width:  # LDLQ: the next columns of the super-block
-            start, p.col = p.col, p.col + width
-            if p.col > p.width:
-                raise ValueError(f"{self.kind}: rounded {p.col} columns of a super-block fitted on {p.width}")
-            return start
-        return 0
-
     def _values(self, index: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         """σ ⊙ g (..., 8) of codewords (indices (..., parts), 7 sign bits), before the scale."""
         grid, patterns = self._tables(index.device)
@@ -889,7 +885,7 @@ class LatticeGrid(KQuantGrid):
 
     def encode(self, x: torch.Tensor, p: GroupParams, start: int | None = None) -> torch.Tensor:
         rows, width = x.shape
-        start = self._start(p, width, start)
+        start = self._next_columns(p, width) if start is None else start
         if start % LATTICE_DIM or width % LATTICE_DIM:
             raise ValueError(f"{self.kind} codes runs of {LATTICE_DIM} columns: got columns {start}…{start + width}")
         s, _ = self._effective(p, start, width)
@@ -898,19 +894,25 @@ class LatticeGrid(KQuantGrid):
         index, signs, _ = lattice_nearest(x.to(torch.float32).reshape(rows, n, LATTICE_DIM), s[:, ::LATTICE_DIM],
                                           grid, self.parts)
         run = torch.arange(start // LATTICE_DIM, start // LATTICE_DIM + n, device=x.device)
-        words = self._word(index, signs) | self._extra_bits(p, run)
-        digits = (words[..., None] >> (self.DIGIT_BITS * torch.arange(LATTICE_DIM, device=x.device)))
-        return (digits & (2**self.DIGIT_BITS - 1)).reshape(rows, width).to(torch.uint8)
+        return self.codes_of(self._word(index, signs) | self._extra_bits(p, run))
+
+    def codes_of(self, words: torch.Tensor) -> torch.Tensor:
+        """The codes (rows, 8·n) uint8 of codeword words (rows, n) int64: code k = bits DIGIT_BITS·k … of the word."""
+        digits = words[..., None] >> (self.DIGIT_BITS * torch.arange(LATTICE_DIM, device=words.device))
+        return (digits & (2**self.DIGIT_BITS - 1)).flatten(-2).to(torch.uint8)
+
+    def words_of(self, codes: torch.Tensor) -> torch.Tensor:
+        """The codeword words (rows, n) int64 of codes (rows, 8·n) (the inverse of :meth:`codes_of`)."""
+        digits = codes.to(torch.int64).reshape(*codes.shape[:-1], -1, LATTICE_DIM)
+        return (digits << (self.DIGIT_BITS * torch.arange(LATTICE_DIM, device=codes.device))).sum(dim=-1)
 
     def decode(self, codes: torch.Tensor, p: GroupParams, start: int | None = None) -> torch.Tensor:
         rows, width = codes.shape
-        digits = codes.to(torch.int64).reshape(rows, width // LATTICE_DIM, LATTICE_DIM)
-        words = (digits << (self.DIGIT_BITS * torch.arange(LATTICE_DIM, device=codes.device))).sum(dim=2)
         s, _ = self._effective(p, 0 if start is None else start, width)
-        return s * self._values(*self._split(words)).reshape(rows, width)  # db · grid · ±1, exact
+        return s * self._values(*self._split(self.words_of(codes))).reshape(rows, width)  # db · grid · ±1, exact
 
     def round(self, x: torch.Tensor, p: GroupParams) -> torch.Tensor:
-        start = self._start(p, x.shape[1], None)
+        start = self._next_columns(p, x.shape[1])
         return self.decode(self.encode(x, p, start), p, start)
 
     def _sub_errors(self, X, M, d, sc, dmin, m) -> torch.Tensor:

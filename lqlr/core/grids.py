@@ -46,6 +46,9 @@ class Grid(ABC):
     dim: int = 1  # columns encoded jointly (1 = scalar grid)
     params_per_group: int = 1  # columns of scale/zero per group (a k-quant super-block: d and its sub-block codes)
     float_zero: bool = False  # zero is an fp16 offset (x = q·s + m, GGUF Q4_1/Q5_1), not an integer code
+    # encode/decode of a vector grid's few columns take ``start=`` (their place in the group: a super-block's
+    # sub-block scales), which block LDLQ passes
+    column_offsets: bool = False
 
     def __init__(self, bits: int, group_size: int) -> None:
         self.bits = int(bits)

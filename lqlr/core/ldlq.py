@@ -164,7 +164,7 @@ def ldlq_round(T: torch.Tensor, plan: LDLQPlan | None, grid: Grid, block_size: i
                 Err1[i] = err
             else:  # block LDLQ: d columns on one codeword per row, their error fed back through U_bb⁻¹
                 # (rows, d) codes of the nearest codewords; a super-block grid is told where in its group they are
-                at = {"start": col % g} if getattr(grid, "column_offsets", False) else {}
+                at = {"start": col % g} if grid.column_offsets else {}
                 c = grid.encode(W1[i : i + d].T, p, **at)
                 codes[:, col : col + d] = c
                 q = grid.decode(c, p, **at).T  # (d, rows)

@@ -166,9 +166,8 @@ def _k_bytes(qt: QuantizedTensor, size: int) -> np.ndarray:
     scale = qt.scale.reshape(rows, nb, 1 + ns)
     d = _fp16_bytes(scale[..., 0], "super-block scales d")
     sc = _codes_of(scale[..., 1:], grid.code_lo, grid.code_hi, "sub-block scales")
-    if isinstance(grid, LatticeGrid):
-        digits = L.reshape(rows, nb, 32, 8).astype(np.uint32)  # (rows, nb, codeword, code)
-        words = (digits << (grid.DIGIT_BITS * np.arange(8, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
+    if isinstance(grid, LatticeGrid):  # (rows, nb, codeword) words
+        words = grid.words_of(qt.codes.detach().cpu()).numpy().astype(np.uint32).reshape(rows, nb, 32)
     if grid.kind == "iq2_xs":
         ls = sc.astype(np.uint8)  # (rows, nb, 16)
         parts = [d, words.astype("<u2").view(np.uint8).reshape(rows, nb, 64), ls[..., 0::2] | (ls[..., 1::2] << 4)]
@@ -238,8 +237,8 @@ def _k_tensor(b: np.ndarray, grid: KQuantGrid, device: torch.device | str) -> Qu
 
     zero = None
     if grid.kind == "iq2_xs":
-        words = np.ascontiguousarray(b[..., 2:66]).view("<u2").reshape(rows, nb, 32).astype(np.uint32)
-        L = (words[..., None] >> (2 * np.arange(8, dtype=np.uint32))) & 3  # (rows, nb, 32, 8)
+        words = np.ascontiguousarray(b[..., 2:66]).view("<u2").reshape(rows, nb, 32).astype(np.int64)
+        L = grid.codes_of(torch.from_numpy(words)).numpy()
         ls = np.stack([b[..., 66:74] & 0xF, b[..., 66:74] >> 4], axis=3).reshape(rows, nb, 16)
         scale = np.concatenate([fp16(0), ls.astype(np.float32)], axis=2)
     elif grid.kind == "iq3_xxs":
@@ -248,7 +247,7 @@ def _k_tensor(b: np.ndarray, grid: KQuantGrid, device: torch.device | str) -> Qu
         ls = aux >> 28
         run = np.arange(4, dtype=np.uint32)
         words = qs[..., 0] | (qs[..., 1] << 8) | (((aux >> (7 * run)) & 127) << 16) | (((ls >> run) & 1) << 23)
-        L = (words[..., None] >> (3 * np.arange(8, dtype=np.uint32))) & 7  # (rows, nb, 8, 4, 8)
+        L = grid.codes_of(torch.from_numpy(words.astype(np.int64))).numpy()
         scale = np.concatenate([fp16(0), ls[..., 0].astype(np.float32)], axis=2)
     elif grid.bits == 2:  # Q2_K
         sc, qs = b[..., :16], b[..., 16:80].reshape(rows, nb, 2, 1, 32)
