@@ -19,16 +19,16 @@ GRIDS = ("uniform", "nf")  # grids of Q, L and R
 # llama.cpp's block formats and their code bits (lqlr.core.gguf_grids implements them): the 32-weight blocks
 # and the k-quants' 256-weight super-blocks; GGUF_BLOCKS[kind] is the format's group_size
 GGUF_BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8, "iq4_nl": 4, "q2_k": 2, "q3_k": 3, "q4_k": 4,
-             "q5_k": 5, "q6_k": 6, "iq4_xs": 4, "iq3_xxs": 3, "iq2_xs": 2}
+             "q5_k": 5, "q6_k": 6, "iq4_xs": 4, "iq3_xxs": 3, "iq2_xs": 2, "iq2_s": 2}
 GGUF_BLOCK = 32
 GGUF_SUPER_BLOCK = 256
-GGUF_BLOCKS = {k: GGUF_SUPER_BLOCK if k.endswith("_k") or k in ("iq4_xs", "iq3_xxs", "iq2_xs") else GGUF_BLOCK
+GGUF_BLOCKS = {k: GGUF_SUPER_BLOCK if k.endswith("_k") or k in ("iq4_xs", "iq3_xxs", "iq2_xs", "iq2_s") else GGUF_BLOCK
                for k in GGUF_BITS}
 GGUF_GRIDS = tuple(GGUF_BITS)
 # llama.cpp's type for a tensor whose rows are not made of 256-weight super-blocks (llama-quant.cpp: "incompatible"
 # tensors; the 32-weight blocks then fit when the row is a multiple of 32): QLRConfig.for_matrix does the same
 GGUF_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "iq4_xs": "iq4_nl", "iq3_xxs": "iq4_nl", "iq2_xs": "iq4_nl",
-                 "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+                 "iq2_s": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 # vector codebooks of Q and the bits per weight each supports: QuIP#'s E8P (lqlr.core.e8p; 2: E8P, 3 and 4: E8P +
 # a 1- or 2-bit residual codebook, RVQ) and QTIP's bitshift trellis (lqlr.core.trellis)
 CODEBOOK_BITS = {"e8p": (2, 3, 4), "trellis": (2, 3, 4)}

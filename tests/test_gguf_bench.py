@@ -142,6 +142,10 @@ def test_commands_are_recorded_without_machine_paths(tmp_path):
     assert "method.grid=iq4_nl method.bq=4 method.group_size=32 method.incoherence=false" in shown
     assert "method.rank=8 method.bl=16 method.br=16 output_dir=WORK/exports/x" in shown
     assert "method.rank" not in G._shown(G.compress_command("m", "q4_0", "gptq", 8, tmp_path, 2), tmp_path)
+    assert "act_order" not in shown
+    ao = G._shown(G.compress_command("m", "q4_0", "gptq", 8, tmp_path, 2, act_order=True), tmp_path)
+    assert "method.act_order=true" in ao and G.label("lqlr-k0", 8, True) == "lqlr-GGUF, LDLQ (k = 0), act-order"
+    assert G.label("llamacpp", 8, True) == "llama.cpp, no imatrix"  # act-order is lqlr's
     assert G._scrub(f"{tmp_path}out", tmp_path) == f"{tmp_path}out"  # only the folder itself, not a name it begins
 
 

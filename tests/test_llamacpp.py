@@ -330,7 +330,8 @@ def test_stories260k_with_fallback_logits_match(stories, story):
 
 
 K_MODEL = dict(hidden=256, ffn=512, layers=2, heads=4, kv_heads=2, ctx=128)
-K_GRIDS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_xs": 4, "iq3_xxs": 3, "iq2_xs": 2}  # super-blocks
+K_GRIDS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_xs": 4, "iq3_xxs": 3, "iq2_xs": 2,
+           "iq2_s": 2}  # super-blocks
 
 
 def test_stories_256_is_stories260k(story):
@@ -359,7 +360,7 @@ def test_stories260k_k_quant_logits_match(grid, story, tok, tmp_path):
     assert {types[f"model.layers.{i}.self_attn.o_proj"] for i in range(5)} == {GGUF_FALLBACK[grid]}
     want = {"q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S",
             "q6_k": "MOSTLY_Q6_K", "iq4_xs": "MOSTLY_IQ4_XS", "iq3_xxs": "MOSTLY_IQ3_XXS",
-            "iq2_xs": "MOSTLY_IQ2_XS"}[grid]
+            "iq2_xs": "MOSTLY_IQ2_XS", "iq2_s": "MOSTLY_IQ2_S"}[grid]
     assert record["model"]["file_type"] == want
     _check_blocks(load(export), files)
     _compare(f"stories260K-256 {grid} Q+LR", load(export), files, story, lora=True)

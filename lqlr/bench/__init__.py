@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-types", nargs="*", default=None,
                    help="types that get the rank rows (default: the --lqlr-types; none when given empty)")
     p.add_argument("--rank-iters", type=int, default=None, help="outer iterations of the rank rows (default: the preset's 5)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="lqlr's rows visit the input columns by decreasing diag H (method.act_order=true; default)")
     p.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     p.add_argument("--max-windows", type=int, default=4, help="WikiText-2 test windows")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per window")

@@ -187,12 +187,15 @@ def quantize(source: Path, out: Path, kind: str, imatrix_file: Path | None = Non
 
 # ----- the benchmark ------------------------------------------------------------------------------
 def compress_command(model: str, kind: str, method: str, rank: int, out_dir: Path, threads: int,
-                     iters: int | None = None) -> list[str]:
+                     iters: int | None = None, act_order: bool = False) -> list[str]:
     """The ``lqlr-compress`` overrides of one lqlr-GGUF export: ``method`` gptq (k = 0) or lqlr (rank, f16 factors,
     ``iters`` outer iterations: None for the preset's 5) on the GGUF grid ``kind``, no incoherence, WikiText-2
-    calibration (experiment=quality), no evaluation."""
+    calibration (experiment=quality), no evaluation; ``act_order``: LDLQ visits the columns by decreasing diag H
+    (the blocks' d, m fitted up front on W, static groups)."""
     cmd = ["experiment=quality", f"model={model}", f"method={method}", f"method.grid={kind}", f"method.bq={BQ[kind]}",
            "method.group_size=32", "method.incoherence=false", "budget=none", "eval.enabled=false", f"threads={threads}"]
+    if act_order:
+        cmd.append("method.act_order=true")
     if method == "lqlr":
         cmd += [f"method.rank={rank}", "method.bl=16", "method.br=16"] + ([f"method.iters={iters}"] if iters else [])
     return cmd + [f"output_dir={out_dir}", f"hydra.run.dir={out_dir}.hydra"]
@@ -212,20 +215,21 @@ def _scrub(arg: str, work: Path) -> str:
     return arg
 
 
-def label(method: str, rank: int) -> str:
-    return LABELS[method].format(r=rank)
+def label(method: str, rank: int, act_order: bool = False) -> str:
+    text = LABELS[method].format(r=rank)
+    return text + ", act-order" if act_order and method.startswith("lqlr") else text
 
 
 class Bench:
     """One run of the benchmark: the reference, its evaluation windows, the work folder and finished rows."""
 
     def __init__(self, model_name: str, work: Path, rank: int, threads: int, max_windows: int = 4,
-                 seq_len: int = 2048, iters: int | None = None, log=print) -> None:
+                 seq_len: int = 2048, iters: int | None = None, act_order: bool = False, log=print) -> None:
         from lqlr.engine.models import load_model
         from lqlr.eval.metrics import wikitext2_windows
 
         self.model_name, self.work, self.rank, self.threads, self.log = model_name, work, rank, threads, log
-        self.iters = iters
+        self.iters, self.act_order = iters, act_order
         self.reference, self.tokenizer = load_model(model_name)
         self.windows = wikitext2_windows(self.reference, self.tokenizer, seq_len, max_windows)
         (work / "rows").mkdir(parents=True, exist_ok=True)
@@ -245,13 +249,17 @@ class Bench:
 
     def row(self, kind: str, method: str, make) -> Record:
         """The finished row ``(kind, method)`` from rows/ or made now by ``make()`` (-> partial record) and kept."""
-        tag = {"lqlr-k0": "", "lqlr-q": f"-{self.rank_tag('')[1:]}", "lqlr-qlr": f"-{self.rank_tag('')[1:]}"}.get(method, "")
+        tag = {"lqlr-k0": "-ao" if self.act_order else "", "lqlr-q": f"-{self.rank_tag('')[1:]}",
+               "lqlr-qlr": f"-{self.rank_tag('')[1:]}"}.get(method, "")
         path = self.work / "rows" / f"{self.model_name}-{kind}-{method}{tag}.json"
         if path.is_file():
             self.log(f"{kind} {method}: kept from {path.name}")
             return json.loads(path.read_text())
         self.log(f"{kind} {method}: running")
-        rec = {"model": self.model_name, "type": kind, "method": method, "label": label(method, self.rank), **make()}
+        rec = {"model": self.model_name, "type": kind, "method": method,
+               "label": label(method, self.rank, self.act_order), **make()}
+        if method.startswith("lqlr"):
+            rec["act_order"] = self.act_order
         path.write_text(json.dumps(rec, indent=1))
         self.log(f"{kind} {method}: {rec['bits_per_param']:.3f} b, ppl {rec['ppl']:.3f}, KL {rec['kl']:.4f}")
         return rec
@@ -261,10 +269,10 @@ class Bench:
         """Compress (lqlr-compress subprocess) and export to GGUF once per (kind, method); (gguf dir, command, s)."""
         from lqlr.io.gguf import export_gguf
 
-        tag = f"{kind}-k0" if method == "gptq" else self.rank_tag(kind)
+        tag = self.k0_tag(kind) if method == "gptq" else self.rank_tag(kind)
         export, gdir = self.work / "exports" / tag, self.work / "gguf" / tag
         cmd = ["lqlr-compress", *compress_command(self.model_name, kind, method, self.rank, export, self.threads,
-                                                  None if method == "gptq" else self.iters)]
+                                                  None if method == "gptq" else self.iters, self.act_order)]
         t0 = time.perf_counter()
         if not (gdir / "gguf.json").is_file():
             rc = subprocess.run([sys.executable, "-m", "lqlr.cli", *cmd[1:]],
@@ -275,13 +283,16 @@ class Bench:
         return gdir, cmd, time.perf_counter() - t0
 
     def rank_tag(self, kind: str) -> str:
-        return f"{kind}-r{self.rank}" + (f"-t{self.iters}" if self.iters else "")
+        return f"{kind}-r{self.rank}" + (f"-t{self.iters}" if self.iters else "") + ("-ao" if self.act_order else "")
+
+    def k0_tag(self, kind: str) -> str:
+        return f"{kind}-k0" + ("-ao" if self.act_order else "")
 
     def k0_row(self, kind: str) -> Record:
         def k0() -> Record:
             gdir, cmd, s = self.lqlr_export(kind, "gptq")
             return {**self.evaluate(gdir / "model.gguf"), "commands": [_shown(cmd, self.work),
-                    f"lqlr-export gguf WORK/exports/{kind}-k0 WORK/gguf/{kind}-k0"], "make_s": s}
+                    f"lqlr-export gguf WORK/exports/{self.k0_tag(kind)} WORK/gguf/{self.k0_tag(kind)}"], "make_s": s}
 
         return self.row(kind, "lqlr-k0", k0)
 
@@ -471,7 +482,7 @@ def main(args) -> None:
             raise ValueError(f"{flag} {' '.join(sorted(set(chosen) - set(within)))}: not among the types with "
                              f"{'--types' if flag == '--lqlr-types' else 'lqlr rows'}")
     bench = Bench(args.model, work, args.rank, args.threads, args.max_windows, args.seq_len, args.rank_iters,
-                  log=lambda s: print(s, flush=True))
+                  getattr(args, "act_order", False), log=lambda s: print(s, flush=True))
     source, start, reused, old_meta = None, None, [], {}
     if reuse is not None:
         reused, old_meta = reused_llama_rows(reuse, args.model, kinds, bench.windows)
@@ -491,7 +502,7 @@ def main(args) -> None:
     check_reference(records)
     argv = [_scrub(a, work) for a in getattr(args, "argv", sys.argv[1:])]
     meta = dict(command="lqlr-bench " + " ".join(argv), model=args.model, types=kinds, lqlr_types=lqlr_kinds, lora_types=lora_kinds,
-                rank=args.rank, iters=args.rank_iters or 5, threads=args.threads, linears=len(target_linears(bench.reference)),
+                rank=args.rank, iters=args.rank_iters or 5, act_order=getattr(args, "act_order", False), threads=args.threads, linears=len(target_linears(bench.reference)),
                 llamacpp=old_meta.get("llamacpp") if reuse else f"{llamacpp.PACKAGE}=={llamacpp.VERSION} (vendored llama.cpp)",
                 llamacpp_start=old_meta.get("llamacpp_start") if reuse else
                 ("llama-quantize --allow-requantize of the source GGUF that lqlr loads "

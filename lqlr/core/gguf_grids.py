@@ -829,7 +829,7 @@ class LatticeGrid(KQuantGrid):
     """An i-quant on a lattice codebook (``dim = 8``): sub-blocks of ``sub`` weights with 4-bit scale codes ls_j,
     s_j = d·(0.5 + ls_j)·SCALE_UNIT (fp16 d, ggml's db); each run of 8 weights is s_j · (σ_0 g_0, …, σ_7 g_7), g the
     magnitudes of ``parts`` points of ggml's grid (8/parts values each), σ a sign pattern with an even number of
-    minus signs (7 stored bits, ksigns_iq2xs).
+    minus signs (7 stored bits, ksigns_iq2xs), or any of the 256 (``FREE_SIGNS``: 8 stored bits, IQ2_S).
 
     A codeword's word (its grid indices and 7 sign bits, laid out by :meth:`_word`) is stored as its eight
     DIGIT_BITS-bit codes, code k = bits DIGIT_BITS·k … of the word, so the codes pack at DIGIT_BITS bits per weight.
@@ -851,11 +851,16 @@ class LatticeGrid(KQuantGrid):
     parts = 1  # grid points per codeword
     SCALE_UNIT = 0.5
     DIGIT_BITS = 2
+    FREE_SIGNS = False  # the 8 signs are stored whole (no parity)
     SEARCH: tuple[float, ...] = ()  # the scale search: the sub-block's absmax on grid magnitude v, for these v
 
     def _make_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(the grid's points (P, 8/parts) float32, the sign patterns (128,) int64) on ``device``."""
         return lattice_points(self.POINTS).to(device), sign_patterns(device)
+
+    @property
+    def code_bits(self) -> int:
+        return self.DIGIT_BITS
 
     def _effective(self, p: GroupParams, start: int, width: int) -> tuple[torch.Tensor, None]:
         sub = torch.arange(start, start + width, device=p.scale.device) // self.sub
@@ -865,11 +870,12 @@ class LatticeGrid(KQuantGrid):
         return d * (0.5 + ls) * self.SCALE_UNIT  # ggml's db, exact in float32
 
     def _word(self, index: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        """The stored word of codewords with grid indices ``index`` (..., parts) and 7 sign bits ``signs``."""
+        """The stored word of codewords with grid indices ``index`` (..., parts) and sign bits ``signs`` (bit k:
+        weight k negative; the low 7 are stored, all 8 with FREE_SIGNS)."""
         raise NotImplementedError
 
     def _split(self, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(grid indices (..., parts), 7 sign bits) of stored words (the inverse of :meth:`_word`)."""
+        """(grid indices (..., parts), stored sign bits) of stored words (the inverse of :meth:`_word`)."""
         raise NotImplementedError
 
     def _extra_bits(self, p: GroupParams, run: torch.Tensor) -> torch.Tensor | int:
@@ -877,10 +883,11 @@ class LatticeGrid(KQuantGrid):
         return 0
 
     def _values(self, index: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        """σ ⊙ g (..., 8) of codewords (indices (..., parts), 7 sign bits), before the scale."""
+        """σ ⊙ g (..., 8) of codewords (indices (..., parts), stored sign bits), before the scale."""
         grid, patterns = self._tables(index.device)
         g = grid[index].flatten(-2)  # (..., 8) magnitudes
-        bits = (patterns[signs & 127][..., None] >> torch.arange(LATTICE_DIM, device=index.device)) & 1
+        signs = signs & 255 if self.FREE_SIGNS else patterns[signs & 127]
+        bits = (signs[..., None] >> torch.arange(LATTICE_DIM, device=index.device)) & 1
         return g * (1 - 2 * bits).to(torch.float32)
 
     def encode(self, x: torch.Tensor, p: GroupParams, start: int | None = None) -> torch.Tensor:
@@ -892,7 +899,7 @@ class LatticeGrid(KQuantGrid):
         n = width // LATTICE_DIM
         grid, _ = self._tables(x.device)
         index, signs, _ = lattice_nearest(x.to(torch.float32).reshape(rows, n, LATTICE_DIM), s[:, ::LATTICE_DIM],
-                                          grid, self.parts)
+                                          grid, self.parts, parity=not self.FREE_SIGNS)
         run = torch.arange(start // LATTICE_DIM, start // LATTICE_DIM + n, device=x.device)
         return self.codes_of(self._word(index, signs) | self._extra_bits(p, run))
 
@@ -920,7 +927,7 @@ class LatticeGrid(KQuantGrid):
         s = self._scales(d, sc).repeat_interleave(self.sub // LATTICE_DIM, dim=1)  # (rows, runs)
         grid, _ = self._tables(X.device)
         _, _, err = lattice_nearest(X.reshape(rows, -1, LATTICE_DIM), s, grid, self.parts,
-                                    M.reshape(rows, -1, LATTICE_DIM))
+                                    M.reshape(rows, -1, LATTICE_DIM), parity=not self.FREE_SIGNS)
         return err.reshape(rows, n_sub, -1).sum(dim=2)
 
     def _targets(self, X: torch.Tensor, weighted: bool) -> torch.Tensor:
@@ -936,7 +943,8 @@ class LatticeGrid(KQuantGrid):
         best_s, best = torch.zeros_like(amax), torch.full_like(amax, -1.0)
         for v in self.SEARCH:
             s = (amax / v).repeat_interleave(self.sub // LATTICE_DIM, dim=1)
-            index, signs, _ = lattice_nearest(runs, s, grid, self.parts, w.reshape(rows, -1, LATTICE_DIM))
+            index, signs, _ = lattice_nearest(runs, s, grid, self.parts, w.reshape(rows, -1, LATTICE_DIM),
+                                              parity=not self.FREE_SIGNS)
             q = self._values(index, signs).reshape(rows, n_sub, self.sub)
             sumqx, sumq2 = (w * q * X).sum(dim=2), (w * q * q).sum(dim=2)
             score = torch.where(sumq2 > 0, sumqx * sumqx / torch.where(sumq2 > 0, sumq2, 1.0), 0.0)
@@ -1006,13 +1014,42 @@ class IQ2_XSGrid(LatticeGrid):
         return (word & 511)[..., None], (word >> 9) & 127
 
 
+class IQ2_SGrid(LatticeGrid):
+    """IQ2_S: 16 sub-blocks of 16, s_j = d·(0.5 + ls_j)·0.25; a codeword is one point of ggml's 1024-point grid
+    ``iq2s_grid`` (8 magnitudes from {8, 25, 43}) and 8 free signs: an 18-bit word i | signs << 10. 82 bytes per 256
+    weights (fp16 d, per codeword 10 + 8 bits, 16 4-bit ls_j): 2.5625 bits.
+
+    The word does not fit two bits per weight, so the codes are 3-bit digits of it (lqlr's own files pack them at 3
+    bits); the accounting is the GGUF block's: bq = 2 and overhead_bits = 144, i.e. d (16), the sixteen ls_j (64)
+    and the word's 2 × 32 bits beyond the codes' 2 per weight (64)."""
+
+    kind = "iq2_s"
+    bits_fixed = 2
+    sub = 16
+    POINTS = "IQ2_S"
+    SCALE_UNIT = 0.25
+    DIGIT_BITS = 3
+    FREE_SIGNS = True
+    SEARCH = IQ2_XSGrid.SEARCH  # the same magnitudes {8, 25, 43}
+
+    @property
+    def overhead_bits(self) -> int:
+        return 16 + 16 * self.SCALE_BITS + 2 * (QK_K // LATTICE_DIM)
+
+    def _word(self, index, signs):
+        return index[..., 0] | ((signs & 255) << 10)
+
+    def _split(self, word):
+        return (word & 1023)[..., None], (word >> 10) & 255
+
+
 def lattice_nearest(x: torch.Tensor, s: torch.Tensor, grid: torch.Tensor, parts: int,
-                    w: torch.Tensor | None = None, chunk: int = 8192
+                    w: torch.Tensor | None = None, chunk: int = 8192, parity: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The nearest codewords s·(σ ⊙ (g_1, …, g_parts)) of x (..., 8): g_k points of ``grid`` (P, 8/parts), σ signs
-    with an even number of minus signs, under weights w (..., 8) (None: all 1), s (...) ≥ 0. Returns (the grid
-    indices (..., parts) int64, the 8 sign bits (...) int64 (bit k: weight k negative), the weighted squared error
-    (...)). Exact: min Σ w (x − x̂)² over all P^parts · 2⁷ codewords."""
+    with an even number of minus signs (``parity``; else any signs), under weights w (..., 8) (None: all 1),
+    s (...) ≥ 0. Returns (the grid indices (..., parts) int64, the 8 sign bits (...) int64 (bit k: weight k
+    negative), the weighted squared error (...)). Exact: min Σ w (x − x̂)² over all P^parts · 2⁷ (2⁸) codewords."""
     shape = x.shape[:-1]
     x = x.reshape(-1, LATTICE_DIM).to(torch.float32)
     s = s.reshape(-1, 1).to(torch.float32)
@@ -1023,7 +1060,7 @@ def lattice_nearest(x: torch.Tensor, s: torch.Tensor, grid: torch.Tensor, parts:
     flipped = torch.full((n,), -1, dtype=torch.int64, device=x.device)  # the weight a parity repair flips (−1: none)
     errors = torch.empty(n, dtype=torch.float32, device=x.device)
     neg = x < 0
-    odd = (neg.sum(dim=1) % 2) == 1
+    odd = (neg.sum(dim=1) % 2) == 1 if parity else torch.zeros_like(neg[:, 0])  # free signs: x's own
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         ax, wc, sc = x[a:b].abs(), w[a:b], s[a:b]
@@ -1058,7 +1095,7 @@ def lattice_nearest(x: torch.Tensor, s: torch.Tensor, grid: torch.Tensor, parts:
 
 
 K_GRIDS: dict[str, type[KQuantGrid]] = {g.kind: g for g in (Q2_KGrid, Q3_KGrid, Q4_KGrid, Q5_KGrid, Q6_KGrid,
-                                                              IQ4_XSGrid, IQ3_XXSGrid, IQ2_XSGrid)}
+                                                              IQ4_XSGrid, IQ3_XXSGrid, IQ2_XSGrid, IQ2_SGrid)}
 GGUF_GRIDS.update(K_GRIDS)
 
 assert {k: g.bits_fixed for k, g in GGUF_GRIDS.items()} == GGUF_BITS, "lqlr.config.GGUF_BITS and the grids disagree"

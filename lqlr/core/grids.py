@@ -59,6 +59,11 @@ class Grid(ABC):
     def overhead_bits(self) -> int:
         """Bits of parameters stored per row and group."""
 
+    @property
+    def code_bits(self) -> int:
+        """Bits of one code as lqlr packs it (``bits`` but for IQ2_S, whose 18-bit words take 3-bit codes)."""
+        return self.bits
+
     @abstractmethod
     def fit(self, x: torch.Tensor) -> GroupParams:
         """Parameters for the group ``x`` (rows, g)."""
@@ -257,7 +262,7 @@ class QuantizedTensor:
     def packed(self) -> dict[str, torch.Tensor]:
         """Tensors as stored on disk: bit-packed codes and zeros, fp16 scales (and fp16 zeros
         where the grid's zero is an offset, ``grid.float_zero``)."""
-        out = {"codes": pack(self.codes, self.grid.bits), "scale": self.scale.to(torch.float16)}
+        out = {"codes": pack(self.codes, self.grid.code_bits), "scale": self.scale.to(torch.float16)}
         if self.zero is not None:
             out["zero"] = (self.zero.to(torch.float16) if self.grid.float_zero
                            else pack(self.zero.to(torch.uint8), self.grid.bits))
@@ -266,7 +271,7 @@ class QuantizedTensor:
     @classmethod
     def from_packed(cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], grid: Grid) -> "QuantizedTensor":
         rows, cols = shape
-        codes = unpack(tensors["codes"], grid.bits, rows * cols).reshape(rows, cols)
+        codes = unpack(tensors["codes"], grid.code_bits, rows * cols).reshape(rows, cols)
         scale = tensors["scale"].to(torch.float32)
         zero = None
         if "zero" in tensors and grid.float_zero:

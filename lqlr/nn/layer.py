@@ -44,7 +44,7 @@ def _buffer_shapes(prefix: str, spec: dict, rows: int, cols: int) -> dict[str, t
         return {f"{prefix}_weight": ((rows, cols), torch.float16)}
     per_group = _grid(spec).params_per_group  # k-quants: d and the sub-scales; E8P with a residual: s₁, s₂
     params = n_groups(cols, spec["group_size"]) * per_group
-    out = {f"{prefix}_codes": ((packed_nbytes(rows * cols, spec["bits"]),), torch.uint8),
+    out = {f"{prefix}_codes": ((packed_nbytes(rows * cols, _grid(spec).code_bits),), torch.uint8),
            f"{prefix}_scale": ((rows, params), torch.float16)}
     if spec["kind"] == "uniform":
         out[f"{prefix}_zero"] = ((packed_nbytes(rows * n_groups(cols, spec["group_size"]), spec["bits"]),), torch.uint8)

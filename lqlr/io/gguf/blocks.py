@@ -47,6 +47,11 @@ its 7 sign bits at bits 7l of signs_scales[j], whose top four bits hold ls_j (lq
     IQ2_XS  d:f16 | qs u16[32] | scales[8]                         74 bytes
 
 IQ2_XS: qs[r] is codeword r's word (9-bit grid index | 7 sign bits << 9, lqlr's word), scales[j] = ls_{2j} | ls_{2j+1} << 4.
+
+    IQ2_S  d:f16 | qs[32] | signs[32] | qh[8] | scales[8]           82 bytes
+
+IQ2_S: codeword r (weights 8r … 8r + 7) has the low 8 bits of its 10-bit grid index in qs[r], its 8 sign bits in
+signs[r] and the index's top two bits at bits 2(r % 4) of qh[r / 4]; scales as IQ2_XS's.
 """
 from __future__ import annotations
 
@@ -171,6 +176,12 @@ def _k_bytes(qt: QuantizedTensor, size: int) -> np.ndarray:
     if grid.kind == "iq2_xs":
         ls = sc.astype(np.uint8)  # (rows, nb, 16)
         parts = [d, words.astype("<u2").view(np.uint8).reshape(rows, nb, 64), ls[..., 0::2] | (ls[..., 1::2] << 4)]
+    elif grid.kind == "iq2_s":
+        ls = sc.astype(np.uint8)  # (rows, nb, 16)
+        index, signs = words & 1023, (words >> 10) & 255
+        high = (index >> 8).reshape(rows, nb, 8, 4) << (2 * np.arange(4, dtype=np.uint32))
+        parts = [d, (index & 255).astype(np.uint8), signs.astype(np.uint8), high.sum(axis=3).astype(np.uint8),
+                 ls[..., 0::2] | (ls[..., 1::2] << 4)]
     elif grid.kind == "iq3_xxs":
         qs = np.stack([words & 255, (words >> 8) & 255], axis=3).astype(np.uint8).reshape(rows, nb, 64)
         signs = ((words >> 16) & 127).reshape(rows, nb, 8, 4)
@@ -240,6 +251,13 @@ def _k_tensor(b: np.ndarray, grid: KQuantGrid, device: torch.device | str) -> Qu
         words = np.ascontiguousarray(b[..., 2:66]).view("<u2").reshape(rows, nb, 32).astype(np.int64)
         L = grid.codes_of(torch.from_numpy(words)).numpy()
         ls = np.stack([b[..., 66:74] & 0xF, b[..., 66:74] >> 4], axis=3).reshape(rows, nb, 16)
+        scale = np.concatenate([fp16(0), ls.astype(np.float32)], axis=2)
+    elif grid.kind == "iq2_s":
+        low, signs = b[..., 2:34].astype(np.int64), b[..., 34:66].astype(np.int64)
+        high = (b[..., 66:74, None].astype(np.int64) >> (2 * np.arange(4))) & 3  # (rows, nb, 8, 4)
+        words = (low | (high.reshape(rows, nb, 32) << 8)) | (signs << 10)
+        L = grid.codes_of(torch.from_numpy(words)).numpy()
+        ls = np.stack([b[..., 74:82] & 0xF, b[..., 74:82] >> 4], axis=3).reshape(rows, nb, 16)
         scale = np.concatenate([fp16(0), ls.astype(np.float32)], axis=2)
     elif grid.kind == "iq3_xxs":
         qs = b[..., 2:66].reshape(rows, nb, 8, 4, 2).astype(np.uint32)

@@ -75,7 +75,7 @@ def _refusal(name: str, spec: dict[str, Any]) -> str | None:
     q = spec["q"]
     fix = ("compress with a GGUF grid and no rotation (method.grid=q4_0 method.bq=4 method.group_size=32 "
            "method.incoherence=false, or q4_1/q5_0/q5_1/q8_0/iq4_nl; or the k-quants q2_k…q6_k or the i-quants "
-           "iq4_xs/iq3_xxs/iq2_xs with method.group_size=256) to export to GGUF")
+           "iq4_xs/iq3_xxs/iq2_xs/iq2_s with method.group_size=256) to export to GGUF")
     if spec.get("rotation"):
         return (f"{name} has an incoherence rotation: its Q is stored in a rotated basis that llama.cpp cannot "
                 f"undo; {fix}")
