@@ -304,6 +304,27 @@ def test_stories260k_sized_logits_match(grid, padded_exports, story):
     _compare(f"stories260K-sized {grid} Q", _q_only(load(export)), files, story, lora=False)
 
 
+@needs_llama_cpp
+def test_decode_speed_generates_lqlrs_greedy_tokens(padded_exports, story):
+    """``llamacpp.decode_speed`` (the prompt, then one llama_decode per generated token, as ``lqlr-bench gguf-speed``
+    times it) generates, on the F32 files with lora.gguf, the tokens of lqlr's own greedy decoding of Q + L·R (a
+    wrong position, cache or adapter would change them), and reports positive speeds."""
+    export, files = padded_exports("q4_0")
+    model = load(export)
+    prompt, n = story[0][:16], 24
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):  # argmax chain of lqlr's forward, the whole sequence each step
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    got = llamacpp.decode_speed(files["f32"], prompt, n, lora=files["f32_lora"], kv="f32", repeats=2)
+    assert got["generated"] == ids[16:] and got["new_tokens"] == n and got["prompt_tokens"] == 16
+    assert got["decode_tok_s"] > 0 and got["prompt_tok_s"] > 0
+    q = llamacpp.decode_speed(files["q"], prompt, n, lora=files["q_lora"], repeats=1)  # the shipped files run too
+    assert len(q["generated"]) == n
+    with pytest.raises(llamacpp.LlamaCppError, match="--decode takes one prompt"):
+        llamacpp._call(["-m", str(files["q"]), "--decode", "4"], "1 2\n3 4\n", None)
+
+
 @pytest.fixture(scope="module")
 def stories(tmp_path_factory, tok):
     """The real stories260K on q4_0 with rank-8 L, R: its five down_proj (rows of 172) fall back to f16."""

@@ -10,6 +10,7 @@
     lqlr-bench scale --quick         # a tiny shape for a fresh install (about a minute)
     lqlr-bench load --path EXPORT... # peak RSS and time of from_pretrained(export) vs lqlr.load, child processes
     lqlr-bench gguf --types q4_0 iq4_nl   # lqlr-GGUF (± LoRA) against llama.cpp's own quants, SmolLM2; see bench/gguf.py
+    lqlr-bench gguf-speed            # their decode speed in llama.cpp (± lora.gguf) against its own quants; bench/gguf_speed.py
 """
 from __future__ import annotations
 
@@ -154,6 +155,20 @@ def main(argv: list[str] | None = None) -> None:
                    help="where the warm-up export is made once")
     p.add_argument("--name", default="load", help="results file name (default: load)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
+    p = sub.add_parser("gguf-speed", help="decode speed in llama.cpp of lqlr-GGUF (± lora.gguf) against its own quants")
+    p.add_argument("--model", default="smollm2-135m", help="model name (configs/model); llama.cpp rows: smollm2-135m")
+    p.add_argument("--types", nargs="+", default=["q4_0"], help="GGUF types with lqlr-bench gguf rows in --work-dir")
+    p.add_argument("--rank", type=int, default=16, help="rank of the lqlr-bench gguf rank rows to time")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp and torch threads")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before decoding")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated (timed)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per row (the fastest kept)")
+    p.add_argument("--skip-llamacpp-quants", action="store_true", help="leave out llama.cpp's own F32 and quants")
+    p.add_argument("--skip-python", action="store_true", help="leave out the transformers and lqlr kernel rows")
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "lqlr" / "bench-gguf"),
+                   help="lqlr-bench gguf's work folder (its GGUF files; llama.cpp's quants go to speed/)")
+    p.add_argument("--name", default="gguf_speed", help="results file name (default: gguf_speed)")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
     p = sub.add_parser("gguf", help="lqlr-GGUF with and without its LoRA against llama-quantize (± imatrix), same eval")
     p.add_argument("--model", default="smollm2-135m", help="model name (configs/model); llama.cpp rows: smollm2-135m")
     p.add_argument("--types", nargs="+", default=["q4_0", "iq4_nl", "q5_0"],
@@ -213,6 +228,13 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             gguf.main(args)
+        except ValueError as err:
+            parser.error(str(err))
+    elif args.bench == "gguf-speed":
+        from lqlr.bench import gguf_speed
+
+        try:
+            gguf_speed.main(args)
         except ValueError as err:
             parser.error(str(err))
     elif args.bench == "quality":

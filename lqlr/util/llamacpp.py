@@ -395,6 +395,25 @@ def logits(model: str | os.PathLike, sequences: Sequence[Sequence[int]], lora: s
     return data.reshape(positions, n_vocab)
 
 
+def decode_speed(model: str | os.PathLike, prompt: Sequence[int], new_tokens: int, lora: str | os.PathLike | None = None,
+                 threads: int = 2, repeats: int = 3, kv: str = "f16", repack: bool = True,
+                 root: Path | None = None) -> dict:
+    """llama.cpp's speed on ``model`` (+ the LoRA adapter ``lora`` at scale 1): ``prompt`` in one batch, then
+    ``new_tokens`` generated greedily one ``llama_decode`` at a time, the fastest of ``repeats`` runs. Defaults are
+    llama.cpp's own (K/V cache f16, weight repacking on). Returns prompt and decode tokens/s and the generated ids."""
+    if not prompt or new_tokens < 1 or repeats < 1:
+        raise ValueError("decode_speed needs a prompt, new_tokens >= 1 and repeats >= 1")
+    args = ["-m", str(model), "-t", str(threads), "--kv", kv, "--decode", str(new_tokens), "--repeats", str(repeats)]
+    if lora is not None:
+        args += ["--lora", str(lora)]
+    if not repack:
+        args.append("--no-repack")
+    n_prompt, prompt_s, n_new, decode_s, *ids = _call(args, " ".join(str(int(t)) for t in prompt) + "\n", root).split()
+    return {"prompt_tokens": int(n_prompt), "prompt_tok_s": int(n_prompt) / float(prompt_s),
+            "new_tokens": int(n_new), "decode_tok_s": int(n_new) / float(decode_s), "decode_s": float(decode_s),
+            "generated": [int(t) for t in ids], "threads": threads, "repeats": repeats, "kv": kv, "repack": repack}
+
+
 def dequantize(model: str | os.PathLike, root: Path | None = None) -> dict[str, np.ndarray]:
     """Every tensor of the GGUF file ``model`` decoded to float32 by ggml itself (its ``to_float`` row decoders,
     as llama.cpp's CPU backend reads the blocks), by name, in numpy's order (rows, row length) for a matrix."""

@@ -10,6 +10,10 @@
 //   lqlr-llama-logits -m model.gguf --dequantize -o weights.f32
 //       every tensor of the file decoded to float32 by ggml's own row decoders (ggml_get_type_traits()->to_float),
 //       one after the other in the file's order, to -o; stdout: one line "<name> <ne0> <ne1> <ne2> <ne3>" a tensor.
+//   lqlr-llama-logits -m model.gguf [--lora lora.gguf] [-t N] [--kv f16] --decode N [--repeats R]  < prompt
+//       decode speed: the prompt (one line of token ids) in one batch, then N tokens generated greedily (argmax),
+//       one llama_decode each; R times (the memory cleared between), the fastest kept. stdout: one line
+//       "<prompt tokens> <prompt seconds> <N> <decode seconds> <generated ids...>" (the ids of the fastest run).
 //   lqlr-llama-logits -m model.gguf --tokenize [--no-special]  < text
 //       stdout: llama.cpp's token ids of the whole of stdin (BOS/EOS as the model's add_bos/add_eos say,
 //       unless --no-special; special tokens written in the text are parsed), space-separated on one line.
@@ -21,6 +25,7 @@
 #include "gguf.h"
 #include "llama.h"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -68,7 +73,7 @@ std::string read_all(FILE * f) {
 struct Args {
     std::string model, lora, out;
     float lora_scale = 1.0f;
-    int threads = 2;
+    int threads = 2, decode = 0, repeats = 1;
     bool repack = true, tokenize = false, special = true, dequantize = false;
     ggml_type kv = GGML_TYPE_F32;
 };
@@ -87,6 +92,8 @@ Args parse(int argc, char ** argv) {
         else if (k == "-t") a.threads = std::atoi(value().c_str());
         else if (k == "-o") a.out = value();
         else if (k == "--no-repack") a.repack = false;
+        else if (k == "--decode") a.decode = std::atoi(value().c_str());
+        else if (k == "--repeats") a.repeats = std::atoi(value().c_str());
         else if (k == "--tokenize") a.tokenize = true;
         else if (k == "--dequantize") a.dequantize = true;
         else if (k == "--no-special") a.special = false;
@@ -99,7 +106,8 @@ Args parse(int argc, char ** argv) {
         } else fail("unknown option " + k + " (see the header of lqlr/util/llamacpp_logits.cpp)");
     }
     if (a.model.empty()) fail("-m MODEL is required");
-    if (!a.tokenize && a.out.empty()) fail("-o OUT is required (or --tokenize)");
+    if (!a.tokenize && a.decode == 0 && a.out.empty()) fail("-o OUT is required (or --tokenize, --decode N)");
+    if (a.decode < 0 || a.repeats < 1) fail("--decode must be at least 1 and --repeats at least 1");
     if (a.tokenize && a.dequantize) fail("--tokenize and --dequantize exclude each other");
     if (a.threads < 1) fail("-t must be at least 1");
     return a;
@@ -157,6 +165,59 @@ int dequantize_all(const Args & a) {
     return 0;
 }
 
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// one sequence from position 0 as one batch: every position's logits out (all_logits), or the last one's
+llama_batch sequence_batch(const std::vector<llama_token> & seq, bool all_logits) {
+    llama_batch batch = llama_batch_init((int32_t) seq.size(), 0, 1);
+    batch.n_tokens = (int32_t) seq.size();
+    for (size_t i = 0; i < seq.size(); ++i) {
+        batch.token[i] = seq[i];
+        batch.pos[i] = (llama_pos) i;
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i] = all_logits || i + 1 == seq.size();
+    }
+    return batch;
+}
+
+// the prompt in one batch, then a.decode greedy tokens one llama_decode at a time; the fastest of a.repeats runs
+int decode_speed(const Args & a, llama_context * ctx, const std::vector<llama_token> & prompt, int n_vocab) {
+    double best_prompt = 1e30, best_decode = 1e30;
+    std::vector<llama_token> best_ids;
+    for (int r = 0; r < a.repeats; ++r) {
+        llama_memory_clear(llama_get_memory(ctx), true);
+        std::vector<llama_token> ids;
+        llama_batch batch = sequence_batch(prompt, false);
+        auto t0 = std::chrono::steady_clock::now();
+        if (llama_decode(ctx, batch) != 0) fail("llama_decode of the prompt failed");
+        const double prompt_s = seconds_since(t0);
+        llama_batch_free(batch);
+        t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < a.decode; ++i) {
+            const float * row = llama_get_logits_ith(ctx, -1);
+            if (!row) fail("no logits to pick the next token from");
+            llama_token next = 0;
+            for (int v = 1; v < n_vocab; ++v) if (row[v] > row[next]) next = v;
+            ids.push_back(next);
+            llama_batch one = llama_batch_get_one(&next, 1);  // positions follow the memory's; last logits out
+            if (llama_decode(ctx, one) != 0) fail("llama_decode of generated token " + std::to_string(i) + " failed");
+        }
+        const double decode_s = seconds_since(t0);
+        if (decode_s < best_decode) {
+            best_decode = decode_s;
+            best_ids = ids;
+        }
+        best_prompt = prompt_s < best_prompt ? prompt_s : best_prompt;
+    }
+    printf("%zu %.9f %d %.9f", prompt.size(), best_prompt, a.decode, best_decode);
+    for (llama_token t : best_ids) printf(" %d", t);
+    printf("\n");
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
@@ -189,9 +250,10 @@ int main(int argc, char ** argv) {
     std::vector<std::vector<llama_token>> seqs = read_sequences(n_vocab);
     size_t longest = 0;
     for (auto & s : seqs) longest = s.size() > longest ? s.size() : longest;
+    if (a.decode > 0 && seqs.size() != 1) fail("--decode takes one prompt: one line of token ids on stdin");
 
     llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = (uint32_t) longest;
+    cp.n_ctx = (uint32_t) (longest + a.decode);
     cp.n_batch = cp.n_ubatch = (uint32_t) longest;  // one sequence = one batch = one graph
     cp.n_seq_max = 1;
     cp.n_threads = cp.n_threads_batch = a.threads;
@@ -208,20 +270,20 @@ int main(int argc, char ** argv) {
         if (llama_set_adapters_lora(ctx, &adapter, 1, &scale) != 0) fail("cannot apply the LoRA adapter " + a.lora);
     }
 
+    if (a.decode > 0) {
+        decode_speed(a, ctx, seqs[0], n_vocab);
+        llama_free(ctx);
+        llama_model_free(model);
+        llama_backend_free();
+        return 0;
+    }
+
     FILE * out = fopen(a.out.c_str(), "wb");
     if (!out) fail("cannot write " + a.out);
     size_t positions = 0;
     for (auto & seq : seqs) {
         llama_memory_clear(llama_get_memory(ctx), true);
-        llama_batch batch = llama_batch_init((int32_t) seq.size(), 0, 1);
-        batch.n_tokens = (int32_t) seq.size();
-        for (size_t i = 0; i < seq.size(); ++i) {
-            batch.token[i] = seq[i];
-            batch.pos[i] = (llama_pos) i;
-            batch.n_seq_id[i] = 1;
-            batch.seq_id[i][0] = 0;
-            batch.logits[i] = 1;
-        }
+        llama_batch batch = sequence_batch(seq, true);
         int rc = llama_decode(ctx, batch);
         if (rc != 0) fail("llama_decode returned " + std::to_string(rc));
         for (size_t i = 0; i < seq.size(); ++i) {
