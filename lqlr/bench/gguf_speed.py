@@ -173,7 +173,7 @@ def main(args) -> None:
                             "repeats": args.repeats, "kernels_used": res.get("kernels_used")})
             print(f"{records[-1]['label']:58s} decode {res['decode_tok_s']:7.1f} tok/s", flush=True)
     argv = [G._scrub(a, work) for a in getattr(args, "argv", sys.argv[1:])]
-    meta = dict(command="lqlr-bench gguf-speed " + " ".join(argv), model=args.model, types=kinds, rank=args.rank,
+    meta = dict(command="lqlr-bench " + " ".join(argv), model=args.model, types=kinds, rank=args.rank,
                 threads=args.threads, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                 skipped=skipped, llamacpp=f"{llamacpp.PACKAGE}=={llamacpp.VERSION} (vendored llama.cpp)",
                 torch=torch.__version__, machine=platform.machine(), cpus=os.cpu_count(),
