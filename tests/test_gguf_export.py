@@ -333,6 +333,33 @@ def test_lora_q8_0(tiny, tmp_path):
     assert record["summary"]["lora_bytes"] < export_gguf(export, tmp_path / "f16", tokenizer=STORIES)["summary"]["lora_bytes"]
 
 
+@pytest.mark.slow
+def test_q8_0_token_embedding(tiny, tmp_path):
+    """embedding_type="q8_0" writes token_embd as Q8_0 (as llama-quantize does): gguf-py decodes it within
+    gguf-py's own Q8_0 quantizer's squared error of the stored embedding, and every other tensor is unchanged."""
+    from gguf.quants import dequantize, quantize
+
+    export, gdir, _, _ = tiny
+    record = export_gguf(export, tmp_path / "q8e", tokenizer=STORIES, embedding_type="q8_0")
+    _, plain = _read(gdir / "model.gguf")
+    _, q8 = _read(tmp_path / "q8e" / "model.gguf")
+    emb = q8["token_embd.weight"]
+    assert emb.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    x = np.asarray(dequantize(plain["token_embd.weight"].data, plain["token_embd.weight"].tensor_type), np.float64)
+    got = np.asarray(dequantize(emb.data, emb.tensor_type), np.float64)
+    ref = np.asarray(dequantize(quantize(x.astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
+                                gguf.GGMLQuantizationType.Q8_0), np.float64)
+    assert got.shape == x.shape and 0 < ((got - x) ** 2).sum() <= ((ref - x) ** 2).sum() * (1 + 1e-6)
+    assert int(emb.n_bytes) == x.size // 32 * 34 and emb.n_bytes < plain["token_embd.weight"].n_bytes
+    for name, t in plain.items():
+        if name != "token_embd.weight":
+            np.testing.assert_array_equal(np.asarray(q8[name].data), np.asarray(t.data))
+    note = {e["name"]: e for e in record["model"]["tensors"]}["token_embd.weight"]
+    assert note["type"] == "q8_0" and "differ" in note["note"]
+    with pytest.raises(ValueError, match="embedding_type='q4_0': choose one of stored, q8_0"):
+        export_gguf(export, tmp_path / "bad", tokenizer=STORIES, embedding_type="q4_0")
+
+
 # ----- the Q/K permutation, by its meaning ----------------------------------------------------------
 def _llama_cpp_rope(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
     """llama.cpp's RoPE for LLaMA (rope type NORM): rotate adjacent pairs (x[2i], x[2i+1]) by pos·θ^(-2i/d)."""

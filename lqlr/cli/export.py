@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lqlr.io.gguf.export import FLOAT_TYPES, LORA_TYPES, PLAN_FILE, export_gguf
+from lqlr.io.gguf.export import EMBEDDING_TYPES, FLOAT_TYPES, LORA_TYPES, PLAN_FILE, export_gguf
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-type", choices=LORA_TYPES, default="f16", help="type of the LoRA tensors (default f16)")
     g.add_argument("--fallback-type", choices=tuple(FLOAT_TYPES), default="f16",
                    help="type of Q for linears whose rows are not 32-weight blocks (default f16)")
+    g.add_argument("--embedding-type", choices=EMBEDDING_TYPES, default="stored",
+                   help="token embedding: as the export stores it (default) or q8_0 (as llama-quantize; faster in llama.cpp)")
     g.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: the export's)")
     g.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
     return p
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("gguf").setLevel(logging.ERROR)  # gguf-py's notes on special tokens are not for users
     try:
         r = export_gguf(a.export, a.out, adapter=a.adapter, lora_type=a.lora_type, fallback_type=a.fallback_type,
+                        embedding_type=a.embedding_type,
                         tokenizer=a.tokenizer, verify=not a.no_verify)
     except (ValueError, OSError, KeyError) as err:
         message = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -39,6 +39,8 @@ MODELFILE = "Modelfile"
 PLAN_FILE = "gguf.json"
 FLOAT_TYPES = {"f32": (np.float32, gguf.GGMLQuantizationType.F32), "f16": (np.float16, gguf.GGMLQuantizationType.F16)}
 LORA_TYPES = ("f16", "f32", "q8_0")
+EMBEDDING_TYPES = ("stored", "q8_0")  # token_embd.weight: as the export stores it, or Q8_0 as llama-quantize writes it
+EMBEDDING = "token_embd.weight"
 STORED_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # Ollama's ChatML template (its chatml.gotmpl), for tokenizers whose chat template is ChatML
 CHATML_TEMPLATE = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -147,9 +149,11 @@ def _add_metadata(writer: gguf.GGUFWriter, card_dir: Path | None, name: str | No
 
 
 def write_model(root: Path, manifest: dict[str, Any], arch: Arch, plans: list[LinearPlan], path: Path,
-                tokenizer_dir: Path, name: str | None) -> tuple[list[TensorEntry], VocabRecord]:
+                tokenizer_dir: Path, name: str | None, embedding_type: str = "stored"
+                ) -> tuple[list[TensorEntry], VocabRecord]:
     """model.gguf: the packed Q codes as their GGUF type (fallback: dequantized Q), every untouched tensor as
-    stored (norms in F32), the hyperparameters and the tokenizer. Returns the tensors written and the vocab."""
+    stored (norms in F32; the token embedding in Q8_0 with ``embedding_type="q8_0"``), the hyperparameters and
+    the tokenizer. Returns the tensors written and the vocab."""
     writer = gguf.GGUFWriter(path=None, arch=arch.name)
     tmap = arch.tensor_map()
     by_name = {p.name: p for p in plans}
@@ -163,6 +167,9 @@ def write_model(root: Path, manifest: dict[str, Any], arch: Arch, plans: list[Li
             gname = gguf_name(tmap, hf_name)
             heads = qk_heads(arch, hf_name)
             module = items[hf_name]
+            if module is None and gname == EMBEDDING and embedding_type == "q8_0":
+                entries.append(_q8_0_embedding(writer, f.get_tensor(hf_name), hf_name))
+                continue
             if module is None:  # untouched: as stored
                 t = f.get_tensor(hf_name)
                 data, qtype = float_array(t, gname)
@@ -191,6 +198,22 @@ def write_model(root: Path, manifest: dict[str, Any], arch: Arch, plans: list[Li
     vocab = add_tokenizer(writer, tokenizer_dir, int(arch.config["vocab_size"]))
     _write_gguf(path, writer)
     return entries, vocab
+
+
+def _q8_0_embedding(writer: gguf.GGUFWriter, t: torch.Tensor, hf_name: str) -> TensorEntry:
+    """The token embedding (vocab, hidden) written as Q8_0 (lqlr's Q8_0 round to nearest under each block's fitted
+    scale, as llama-quantize stores a tied embedding / head), or as stored where its rows are not 32-weight blocks."""
+    x = t.to(torch.float32)
+    if x.ndim != 2 or x.shape[1] % BLOCK:
+        data, qtype = float_array(t, EMBEDDING)
+        writer.add_tensor(EMBEDDING, data)
+        return TensorEntry(EMBEDDING, hf_name, qtype.name.lower(), tuple(t.shape), int(data.nbytes),
+                           f"rows of {x.shape[-1]} are not a multiple of {BLOCK}: as stored instead of q8_0")
+    data = to_gguf_bytes(quantize_rtn(x, make_grid("q8_0", 8, BLOCK)))
+    writer.add_tensor(EMBEDDING, data, raw_dtype=ggml_type("q8_0"))
+    return TensorEntry(EMBEDDING, hf_name, "q8_0", tuple(t.shape), int(data.nbytes),
+                       "q8_0 (--embedding-type q8_0): rounded here, so llama.cpp's embedding and tied head differ "
+                       "from the export's")
 
 
 # ----- the LoRA adapter ---------------------------------------------------------------------------
@@ -337,19 +360,23 @@ def _summary(plans: list[LinearPlan], model_entries: list[TensorEntry], lora_ent
 
 def export_gguf(export: str | os.PathLike, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
                 lora_type: str = "f16", fallback_type: str = "f16", tokenizer: str | os.PathLike | None = None,
-                verify: bool = True) -> dict[str, Any]:
+                verify: bool = True, embedding_type: str = "stored") -> dict[str, Any]:
     """Write model.gguf, lora.gguf (when there are factors), Modelfile and gguf.json for the lqlr export
     ``export`` into ``out``; returns the gguf.json record.
 
     ``adapter``: a PEFT LoRA adapter folder (e.g. lqlr-finetune's) written instead of the export's own L, R.
     ``lora_type``: f16 (default), f32 or q8_0 for the LoRA tensors. ``fallback_type``: f16 or f32 for the Q of
     linears whose rows are not 32-weight blocks. ``tokenizer``: a folder with tokenizer.json (default: the export).
+    ``embedding_type``: ``stored`` (default: the token embedding as the export holds it, the same function as lqlr's
+    model) or ``q8_0`` (as llama-quantize writes it: smaller and faster in llama.cpp, a further rounding).
     Everything is checked before any file is written; errors are one-line ValueErrors.
     """
     if lora_type not in LORA_TYPES:
         raise ValueError(f"lora_type={lora_type!r}: choose one of {', '.join(LORA_TYPES)}")
     if fallback_type not in FLOAT_TYPES:
         raise ValueError(f"fallback_type={fallback_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
+    if embedding_type not in EMBEDDING_TYPES:
+        raise ValueError(f"embedding_type={embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
     root, out = Path(export), Path(out)
     manifest = read_manifest(root, verify=verify)
     arch = llama_arch(json.loads((root / "config.json").read_text()))
@@ -363,7 +390,8 @@ def export_gguf(export: str | os.PathLike, out: str | os.PathLike, adapter: str 
 
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).unlink(missing_ok=True)  # the folder is unfinished until gguf.json is written again
-    model_entries, vocab = write_model(root, manifest, arch, plans, out / MODEL_FILE, tok_dir, name)
+    model_entries, vocab = write_model(root, manifest, arch, plans, out / MODEL_FILE, tok_dir, name,
+                                      embedding_type)
     lora_entries, alpha, folds = [], None, {}
     if factors:
         card = adapter_dir if adapter_dir else root / ADAPTER_DIR
