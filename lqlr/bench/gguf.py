@@ -215,6 +215,16 @@ def _scrub(arg: str, work: Path) -> str:
     return arg
 
 
+def k0_tag(kind: str, act_order: bool) -> str:
+    """The work folder's name (under exports/ and gguf/) of the k = 0 export of ``kind``."""
+    return f"{kind}-k0" + ("-ao" if act_order else "")
+
+
+def rank_tag(kind: str, rank: int, iters: int | None, act_order: bool) -> str:
+    """The work folder's name of the rank-``rank`` export of ``kind`` (``iters`` outer iterations, None: 5)."""
+    return f"{kind}-r{rank}" + (f"-t{iters}" if iters else "") + ("-ao" if act_order else "")
+
+
 def label(method: str, rank: int, act_order: bool = False) -> str:
     text = LABELS[method].format(r=rank)
     return text + ", act-order" if act_order and method.startswith("lqlr") else text
@@ -283,10 +293,10 @@ class Bench:
         return gdir, cmd, time.perf_counter() - t0
 
     def rank_tag(self, kind: str) -> str:
-        return f"{kind}-r{self.rank}" + (f"-t{self.iters}" if self.iters else "") + ("-ao" if self.act_order else "")
+        return rank_tag(kind, self.rank, self.iters, self.act_order)
 
     def k0_tag(self, kind: str) -> str:
-        return f"{kind}-k0" + ("-ao" if self.act_order else "")
+        return k0_tag(kind, self.act_order)
 
     def k0_row(self, kind: str) -> Record:
         def k0() -> Record:

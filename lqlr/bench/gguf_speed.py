@@ -43,7 +43,7 @@ def prompt_ids(vocab: int, length: int, seed: int = 0) -> list[int]:
 def lqlr_files(work: Path, kind: str, rank: int) -> dict[str, Path]:
     """The lqlr-GGUF files ``lqlr-bench gguf`` made for ``kind`` (act-order rows); one-line ValueError naming the
     command that makes a missing one."""
-    k0, lr = work / "gguf" / f"{kind}-k0-ao", work / "gguf" / f"{kind}-r{rank}-ao"
+    k0, lr = work / "gguf" / G.k0_tag(kind, True), work / "gguf" / G.rank_tag(kind, rank, None, True)
     files = {"lqlr-k0": k0 / "model.gguf", "lqlr-q": lr / "model.gguf", "lqlr-qlr": lr / "lora.gguf"}
     for path in (*files.values(), work / "exports" / k0.name / "manifest.json", work / "exports" / lr.name / "manifest.json"):
         if not path.is_file():

@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--fallback-type", choices=tuple(FLOAT_TYPES), default="f16",
                    help="type of Q for linears whose rows are not 32-weight blocks (default f16)")
     g.add_argument("--embedding-type", choices=EMBEDDING_TYPES, default="stored",
-                   help="token embedding: as the export stores it (default) or q8_0 (as llama-quantize; faster in llama.cpp)")
+                   help="token embedding: as the export stores it (default) or q8_0 (as llama-quantize; smaller)")
     g.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: the export's)")
     g.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
     return p

@@ -152,8 +152,8 @@ def write_model(root: Path, manifest: dict[str, Any], arch: Arch, plans: list[Li
                 tokenizer_dir: Path, name: str | None, embedding_type: str = "stored"
                 ) -> tuple[list[TensorEntry], VocabRecord]:
     """model.gguf: the packed Q codes as their GGUF type (fallback: dequantized Q), every untouched tensor as
-    stored (norms in F32; the token embedding in Q8_0 with ``embedding_type="q8_0"``), the hyperparameters and
-    the tokenizer. Returns the tensors written and the vocab."""
+    stored (norms in F32; the token embedding in Q8_0 with ``embedding_type="q8_0"`` where its rows are 32-weight
+    blocks), the hyperparameters and the tokenizer. Returns the tensors written and the vocab."""
     writer = gguf.GGUFWriter(path=None, arch=arch.name)
     tmap = arch.tensor_map()
     by_name = {p.name: p for p in plans}
@@ -167,11 +167,15 @@ def write_model(root: Path, manifest: dict[str, Any], arch: Arch, plans: list[Li
             gname = gguf_name(tmap, hf_name)
             heads = qk_heads(arch, hf_name)
             module = items[hf_name]
-            if module is None and gname == EMBEDDING and embedding_type == "q8_0":
-                entries.append(_q8_0_embedding(writer, f.get_tensor(hf_name), hf_name))
-                continue
-            if module is None:  # untouched: as stored
+            if module is None:  # untouched: as stored (the token embedding in Q8_0 when asked and its rows allow)
                 t = f.get_tensor(hf_name)
+                if gname == EMBEDDING and embedding_type == "q8_0" and t.ndim == 2 and t.shape[1] % BLOCK == 0:
+                    data = q8_0_bytes(t)
+                    writer.add_tensor(EMBEDDING, data, raw_dtype=ggml_type("q8_0"))
+                    entries.append(TensorEntry(EMBEDDING, hf_name, "q8_0", tuple(t.shape), int(data.nbytes),
+                                               "q8_0 (--embedding-type q8_0): rounded here, so llama.cpp's embedding "
+                                               "and tied head differ from the export's"))
+                    continue
                 data, qtype = float_array(t, gname)
                 data = permute_rows(data, heads) if data.ndim >= 1 and heads else data
                 stored = STORED_TYPES.get(t.dtype, str(t.dtype))
@@ -198,22 +202,6 @@ def write_model(root: Path, manifest: dict[str, Any], arch: Arch, plans: list[Li
     vocab = add_tokenizer(writer, tokenizer_dir, int(arch.config["vocab_size"]))
     _write_gguf(path, writer)
     return entries, vocab
-
-
-def _q8_0_embedding(writer: gguf.GGUFWriter, t: torch.Tensor, hf_name: str) -> TensorEntry:
-    """The token embedding (vocab, hidden) written as Q8_0 (lqlr's Q8_0 round to nearest under each block's fitted
-    scale, as llama-quantize stores a tied embedding / head), or as stored where its rows are not 32-weight blocks."""
-    x = t.to(torch.float32)
-    if x.ndim != 2 or x.shape[1] % BLOCK:
-        data, qtype = float_array(t, EMBEDDING)
-        writer.add_tensor(EMBEDDING, data)
-        return TensorEntry(EMBEDDING, hf_name, qtype.name.lower(), tuple(t.shape), int(data.nbytes),
-                           f"rows of {x.shape[-1]} are not a multiple of {BLOCK}: as stored instead of q8_0")
-    data = to_gguf_bytes(quantize_rtn(x, make_grid("q8_0", 8, BLOCK)))
-    writer.add_tensor(EMBEDDING, data, raw_dtype=ggml_type("q8_0"))
-    return TensorEntry(EMBEDDING, hf_name, "q8_0", tuple(t.shape), int(data.nbytes),
-                       "q8_0 (--embedding-type q8_0): rounded here, so llama.cpp's embedding and tied head differ "
-                       "from the export's")
 
 
 # ----- the LoRA adapter ---------------------------------------------------------------------------
@@ -277,12 +265,17 @@ def lora_alpha(factors: dict[str, Factors]) -> float:
     return float(max(sorted(counts), key=lambda r: counts[r]))
 
 
+def q8_0_bytes(x: torch.Tensor) -> np.ndarray:
+    """x (rows, cols), cols a multiple of 32, as ggml Q8_0 blocks: lqlr's Q8_0 fit and round to nearest."""
+    return to_gguf_bytes(quantize_rtn(x.to(torch.float32), make_grid("q8_0", 8, BLOCK)))
+
+
 def _lora_array(x: torch.Tensor, kind: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None, str, str]:
     """(array, raw ggml type or None, type name, note) of a LoRA matrix in ``kind``; q8_0 rows that are not
     32-weight blocks fall back to f16, as convert_lora_to_gguf does."""
     if kind == "q8_0":
         if x.shape[1] % BLOCK == 0:
-            return to_gguf_bytes(quantize_rtn(x, make_grid("q8_0", 8, BLOCK))), ggml_type("q8_0"), "q8_0", ""
+            return q8_0_bytes(x), ggml_type("q8_0"), "q8_0", ""
         a = x.numpy().astype(np.float16)
         return a, None, "f16", f"rows of {x.shape[1]} are not a multiple of {BLOCK}: f16 instead of q8_0"
     np_dtype, _ = FLOAT_TYPES[kind]
@@ -368,7 +361,8 @@ def export_gguf(export: str | os.PathLike, out: str | os.PathLike, adapter: str 
     ``lora_type``: f16 (default), f32 or q8_0 for the LoRA tensors. ``fallback_type``: f16 or f32 for the Q of
     linears whose rows are not 32-weight blocks. ``tokenizer``: a folder with tokenizer.json (default: the export).
     ``embedding_type``: ``stored`` (default: the token embedding as the export holds it, the same function as lqlr's
-    model) or ``q8_0`` (as llama-quantize writes it: smaller and faster in llama.cpp, a further rounding).
+    model) or ``q8_0`` (as llama-quantize writes it: smaller, a further rounding; as stored where its rows are not
+    32-weight blocks).
     Everything is checked before any file is written; errors are one-line ValueErrors.
     """
     if lora_type not in LORA_TYPES:
